@@ -25,8 +25,8 @@ def hf_state_dict_items(model: torch.nn.Module, arch: ModelArch):
     for rule in family.rules(arch):
         for layer in range(arch.num_layers) if rule.per_layer else [None]:
             tensor = params[rule.mcore_name(layer)].detach()
-            for name, hf in zip(rule.hf_names(layer), transforms.mcore_to_hf(rule, tensor, arch)):
-                yield name, hf
+            hf = transforms.mcore_to_hf(rule, tensor, arch)
+            yield from zip(rule.hf_names(layer), hf, strict=True)
 
 
 def write_hf_config(arch: ModelArch, dtype: torch.dtype, out: Path) -> None:

@@ -20,7 +20,9 @@ def hf_to_mcore(rule: Rule, hf: list[torch.Tensor], arch: ModelArch) -> torch.Te
     if rule.kind == "vocab":
         (table_vh,) = hf
         pad = arch.padded_vocab_size - table_vh.shape[0]
-        return torch.cat([table_vh, table_vh.new_zeros(pad, *table_vh.shape[1:])]) if pad else table_vh
+        return (
+            torch.cat([table_vh, table_vh.new_zeros(pad, *table_vh.shape[1:])]) if pad else table_vh
+        )
     if rule.kind == "gate_up":
         return torch.cat(hf, dim=0)
     if rule.kind == "qkv":

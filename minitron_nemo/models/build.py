@@ -26,7 +26,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def te_available() -> bool:
     """TransformerEngine importable and a GPU present (TE needs CUDA)."""
-    return cpu_compat.cuda_available() and importlib.util.find_spec("transformer_engine") is not None
+    return (
+        cpu_compat.cuda_available() and importlib.util.find_spec("transformer_engine") is not None
+    )
 
 
 def layer_spec(use_te: bool, qk_layernorm: bool = False) -> ModuleSpec:

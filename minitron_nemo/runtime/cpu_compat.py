@@ -86,6 +86,9 @@ def install() -> None:
     # distributed/param_and_grad_buffer.py: `torch.cuda.current_stream()` around grad sync.
     torch.cuda.current_stream = lambda device=None: _NullStream()  # type: ignore[assignment]
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()  # type: ignore[assignment]
+    # language_module.py `setup_embeddings_and_output_layer` (tied embeddings at PP > 1) does
+    # `weight.data = weight.data.cuda()` before all-reducing the copy on the last stage.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[assignment]
 
     # schedules.py allocates `torch.zeros([], dtype=torch.int, device="cuda")`; the optimizer's
     # clip_grads.py / optimizer.py build `torch.tensor(..., device="cuda")` for grad norms.

@@ -13,7 +13,9 @@ from minitron_nemo.runtime import cpu_compat
 from minitron_nemo.runtime.distributed import free_port
 
 
-def _rank_entry(local_rank: int, fn: Callable[..., Any], nprocs: int, port: int, args: tuple) -> None:
+def _rank_entry(
+    local_rank: int, fn: Callable[..., Any], nprocs: int, port: int, args: tuple
+) -> None:
     os.environ.update(
         RANK=str(local_rank),
         LOCAL_RANK=str(local_rank),

@@ -26,6 +26,8 @@ METADATA_KEYS = frozenset(
         "torch_dtype",
         "dtype",
         "_name_or_path",
+        "_model_name_or_path",
+        "unk_token_id",
         "use_cache",
         "initializer_range",
         "bos_token_id",
@@ -45,7 +47,7 @@ METADATA_KEYS = frozenset(
     }
 )
 # Metadata kept in arch.hf_extra and written back at export.
-EXTRA_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "initializer_range")
+EXTRA_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "initializer_range")
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,9 @@ class Family:
     """config.json keys this family understands besides METADATA_KEYS."""
     required_values: ClassVar[dict[str, Any]] = {}
     """config.json keys whose value must be exactly this (e.g. hidden_act = silu)."""
-    ignorable_tensors: ClassVar[tuple[str, ...]] = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+    ignorable_tensors: ClassVar[tuple[str, ...]] = (
+        r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
+    )
 
     # -- weights -------------------------------------------------------------------------
     def rules(self, arch: ModelArch) -> list[Rule]:

@@ -84,8 +84,13 @@ class LlamaLike(Family):
 
     def arch_from_config(self, raw: dict[str, Any], source: str) -> ModelArch:
         self.check_config_keys(raw, source)
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads"):
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ):
             if key not in raw:
                 raise MinitronError(f"{source}: missing required key {key!r}")
         heads = raw["num_attention_heads"]

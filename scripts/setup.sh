@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv (Python 3.12) and install minitron-nemo with its dev and GGUF extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  for candidate in python3.12 "$HOME/.pyenv/versions/3.12.1/bin/python"; do
+    if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+      PY="$candidate"; break
+    fi
+  done
+fi
+if [ -z "$PY" ]; then
+  echo "error: Python 3.12 not found (megatron-core 0.19 needs it); set PYTHON=/path/to/python3.12" >&2
+  exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[dev,gguf]"
+.venv/bin/python -c "import megatron.core, transformers, torch; print('torch', torch.__version__, '| megatron-core', megatron.core.__version__, '| transformers', transformers.__version__)"

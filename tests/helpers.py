@@ -1,0 +1,112 @@
+"""Tiny random HF models of every family, built in the test (no downloads), and launchers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 250  # not a multiple of 128: exercises vocab padding
+
+TINY_CONFIGS = {
+    # GQA (4 heads / 2 groups), head_dim 24 != 64 / 4, llama3 rope scaling.
+    "llama": dict(
+        model_type="llama",
+        head_dim=24,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+    "mistral": dict(model_type="mistral", head_dim=24, sliding_window=None),
+    "qwen2": dict(model_type="qwen2"),
+    # SmolLM2-style: Llama with tied embeddings.
+    "tied": dict(model_type="llama", head_dim=16, tie_word_embeddings=True),
+}
+
+
+def tiny_config(name: str, **overrides):
+    from transformers import AutoConfig
+
+    spec = dict(TINY_CONFIGS[name])
+    model_type = spec.pop("model_type")
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kwargs.update(spec)
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def make_tiny_hf(name: str, out: Path, seed: int = 0, **overrides) -> Path:
+    """Save a random tiny model of family `name`; every weight (norms, biases too) is random
+    so that a swapped or dropped tensor cannot go unnoticed."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(name, **overrides)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for pname, param in model.named_parameters():
+            if "norm" in pname:
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            else:
+                param.normal_(0.0, 0.08)
+    model.save_pretrained(out)
+    return out
+
+
+def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (
+        (actual.double() - expected.double()).abs().max() / expected.double().abs().max()
+    ).item()
+
+
+def torchrun(
+    script: Path, nproc: int, *args: str, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """Run `script` under torchrun on `nproc` CPU ranks (gloo); raise with its output on failure."""
+    from minitron_nemo.runtime.distributed import free_port
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        str(script),
+        *args,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if result.returncode != 0:
+        raise AssertionError(
+            f"torchrun failed ({result.returncode}):\n"
+            f"{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+        )
+    return result
