@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -38,6 +39,24 @@ def write_hf_config(arch: ModelArch, dtype: torch.dtype, out: Path) -> None:
     config.save_pretrained(out)
 
 
+def write_hf_dir(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    arch: ModelArch,
+    dtype: torch.dtype,
+    out: Path,
+    tokenizer_dir: Path | None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """Write HF-named tensors as safetensors shards + config.json + tokenizer into `out`."""
+    writer = ShardedSafetensorsWriter(out, max_shard_bytes)
+    for name, tensor in tensors:
+        writer.add(name, tensor.to(device="cpu", dtype=dtype).clone())
+    writer.close()
+    write_hf_config(arch, dtype, out)
+    if tokenizer_dir is not None and tokenizer_dir.is_dir():
+        checkpoint.copy_tokenizer(tokenizer_dir, out)
+
+
 def mcore_to_hf(
     ckpt: Path,
     out: Path,
@@ -55,14 +74,13 @@ def mcore_to_hf(
         with distributed.initialize(tp=1, pp=1):
             model, arch = checkpoint.load_model(ckpt, dtype=dtype, use_te=False)
             out_dtype = dtype or checkpoint.checkpoint_dtype(ckpt)
-            writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
-            for name, tensor in hf_state_dict_items(model, arch):
-                writer.add(name, tensor.to(device="cpu", dtype=out_dtype).clone())
-            writer.close()
-            del model
-        write_hf_config(arch, out_dtype, tmp)
-        tokenizer_dir = ckpt / "tokenizer"
-        if tokenizer_dir.is_dir():
-            checkpoint.copy_tokenizer(tokenizer_dir, tmp)
+            write_hf_dir(
+                hf_state_dict_items(model, arch),
+                arch,
+                out_dtype,
+                tmp,
+                ckpt / "tokenizer",
+                max_shard_bytes,
+            )
     log.info("exported %s -> %s in %.1f s", ckpt, out, time.time() - start)
     return Path(out)

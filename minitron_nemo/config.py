@@ -1,0 +1,138 @@
+"""Run configuration: small typed dataclasses per stage, YAML recipes + dotted overrides.
+
+A recipe is YAML over `RunConfig`; `base: other.yaml` (relative to the recipe) is merged first,
+then the recipe, then `key.sub=value` overrides from the command line. Unknown keys and
+wrongly typed values are refused with one line naming the recipe and the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from minitron_nemo.errors import MinitronError
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor parallel size."""
+    pp: int = 1
+    """Pipeline parallel size."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "gensim:lee_background"
+    """Text source: .txt / .jsonl path or gensim:NAME (offline corpora in gensim's wheel)."""
+    seq_length: int = 256
+    """Tokens per sample."""
+    calibration_samples: int = 1024
+    """Samples used to estimate importance (P1: 1024)."""
+    heldout_samples: int = 64
+    """Samples kept aside for evaluation; never used for calibration or training."""
+    distill_samples: int | None = None
+    """Samples for distillation (None: all remaining)."""
+    seed: int = 0
+
+
+@dataclass
+class PruneConfig:
+    hidden_size: int | None = None
+    ffn_hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    num_query_groups: int | None = None
+    num_layers: int | None = None
+    drop_layers: list[int] | None = None
+    target_params: int | None = None
+    """Parameter budget; the architecture is searched along `search_axes`."""
+    search_axes: list[str] = field(default_factory=lambda: ["hidden_size", "ffn_hidden_size"])
+    depth_method: str = "block"
+    """How layers are chosen for num_layers: block (contiguous, LM loss), per_layer (LM loss
+    increase of each layer alone) or block_importance (1 - cos)."""
+    depth_scores: bool = True
+    """Also compute per-layer skip losses for the report when depth is not pruned."""
+    depth_eval_samples: int = 16
+    """Calibration samples (taken out of the calibration set) used to score depth by LM loss."""
+    aggregation_seq: str = "mean"
+    aggregation_batch: str = "l2"
+    merge_pruned_heads: bool = False
+    """P1 section 2.3: add removed query heads' information to kept ones."""
+    micro_batch_size: int = 1
+    importance: str | None = None
+    """Reuse this importance file instead of calibrating."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    run_dir: str = "runs/${name}"
+    teacher: str = "smollm2"
+    """HF directory of the teacher, or `smollm2` for the embedded SmolLM2-135M-Instruct."""
+    dtype: str = "fp32"
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form section for stages that are not typed yet."""
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise MinitronError(f"{path}: recipe not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise MinitronError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise MinitronError(f"{path}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base is not None:
+        parent = _read_yaml((path.parent / base).resolve())
+        return _deep_merge(parent, data)
+    return data
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = (
+            _deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Recipe (with its bases) + dotted overrides -> validated RunConfig."""
+    schema = OmegaConf.structured(RunConfig)
+    source = str(path) if path else "defaults"
+    try:
+        merged = OmegaConf.merge(schema, _read_yaml(Path(path)) if path else {})
+    except OmegaConfBaseException as exc:
+        raise MinitronError(f"{source}: {_describe(exc)}") from None
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides or [])))
+    except OmegaConfBaseException as exc:
+        raise MinitronError(f"override: {_describe(exc)}") from None
+    try:
+        config: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise MinitronError(f"{source}: {_describe(exc)}") from None
+    return config
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    return str(exc).splitlines()[0] + (
+        f" (key: {exc.full_key})" if getattr(exc, "full_key", None) else ""
+    )
+
+
+def to_yaml(config: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

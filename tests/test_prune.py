@@ -1,0 +1,233 @@
+"""Structured pruning: identity at source sizes, planted importance vs hand slicing, TP/PP
+invariance, reuse of a saved importance file, refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from minitron_nemo.checkpoint import load_model
+from minitron_nemo.config import PruneConfig
+from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
+from minitron_nemo.errors import MinitronError
+from minitron_nemo.prune.stage import run_prune
+from minitron_nemo.runtime import distributed
+from minitron_nemo.runtime.forward import forward_logits
+from tests.helpers import VOCAB, make_tiny_hf, max_rel_err
+
+TOKENS = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+
+
+def _calib(n: int = 14, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, 17), generator=torch.Generator().manual_seed(seed))
+
+
+def _state(hf_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(hf_dir / "model.safetensors")
+
+
+def _logits(ckpt: Path) -> torch.Tensor:
+    with distributed.initialize(tp=1, pp=1):
+        model, arch = load_model(ckpt)
+        return forward_logits(model, TOKENS)[..., : arch.vocab_size]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prune_src")
+    hf = make_tiny_hf("llama", root / "hf", seed=3)
+    hf_to_mcore(hf, root / "mc")
+    return {"hf": hf, "mc": root / "mc", "root": root}
+
+
+def test_pruning_to_own_sizes_is_identity(source, tmp_path):
+    cfg = PruneConfig(depth_eval_samples=4, micro_batch_size=2)
+    run_prune(source["mc"], tmp_path / "out", cfg, _calib())
+    before, after = _state(source["hf"]), _state(tmp_path / "out" / "hf")
+    assert set(before) == set(after)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(_logits(tmp_path / "out" / "ckpt"), _logits(source["mc"]))
+
+
+# -- planted importance ------------------------------------------------------------------
+LOW_CHANNELS = list(range(3, 64, 4))  # 16 of 64
+LOW_NEURONS = {i: sorted({(7 * j + i) % 96 for j in range(32)}) for i in range(4)}  # 32 of 96
+IDENTITY_LAYER = 2
+
+
+def _plant(hf_dir: Path) -> None:
+    """Scale weights so the unimportant units are known in advance."""
+    state = _state(hf_dir)
+    small = 0.01
+    c = torch.tensor(LOW_CHANNELS)
+    state["model.embed_tokens.weight"][:, c] *= small
+    for i in range(4):
+        p = f"model.layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            state[p + norm + ".weight"][c] *= small
+        state[p + "self_attn.o_proj.weight"][c] *= small
+        state[p + "mlp.down_proj.weight"][c] *= small
+        n = torch.tensor(LOW_NEURONS[i])
+        state[p + "mlp.gate_proj.weight"][n] *= small
+        state[p + "mlp.up_proj.weight"][n] *= small
+        state[p + "self_attn.v_proj.weight"][24:] *= small  # group 1 (heads 2, 3) is quiet
+    p = f"model.layers.{IDENTITY_LAYER}."
+    state[p + "self_attn.o_proj.weight"].zero_()
+    state[p + "mlp.down_proj.weight"].zero_()
+    save_file(state, str(hf_dir / "model.safetensors"))
+
+
+def _hand_sliced_hf_logits(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """An HF model with the pruned config and weights sliced by hand, written independently."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import tiny_config
+
+    keep_c = [c for c in range(64) if c not in LOW_CHANNELS]
+    layers = [i for i in range(4) if i != IDENTITY_LAYER]
+    config = tiny_config(
+        "llama",
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    new = {
+        "model.embed_tokens.weight": state["model.embed_tokens.weight"][:, keep_c],
+        "model.norm.weight": state["model.norm.weight"][keep_c],
+        "lm_head.weight": state["lm_head.weight"][:, keep_c],
+    }
+    for j, i in enumerate(layers):
+        src, dst = f"model.layers.{i}.", f"model.layers.{j}."
+        keep_n = [n for n in range(96) if n not in LOW_NEURONS[i]]
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            new[dst + norm + ".weight"] = state[src + norm + ".weight"][keep_c]
+        new[dst + "self_attn.q_proj.weight"] = state[src + "self_attn.q_proj.weight"][:48][
+            :, keep_c
+        ]
+        new[dst + "self_attn.k_proj.weight"] = state[src + "self_attn.k_proj.weight"][:24][
+            :, keep_c
+        ]
+        new[dst + "self_attn.v_proj.weight"] = state[src + "self_attn.v_proj.weight"][:24][
+            :, keep_c
+        ]
+        new[dst + "self_attn.o_proj.weight"] = state[src + "self_attn.o_proj.weight"][keep_c][
+            :, :48
+        ]
+        new[dst + "mlp.gate_proj.weight"] = state[src + "mlp.gate_proj.weight"][keep_n][:, keep_c]
+        new[dst + "mlp.up_proj.weight"] = state[src + "mlp.up_proj.weight"][keep_n][:, keep_c]
+        new[dst + "mlp.down_proj.weight"] = state[src + "mlp.down_proj.weight"][keep_c][:, keep_n]
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.load_state_dict(new, strict=True)
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def test_planted_importance_prunes_the_planted_units(tmp_path):
+    hf = make_tiny_hf("llama", tmp_path / "hf", seed=5)
+    _plant(hf)
+    hf_to_mcore(hf, tmp_path / "mc")
+    cfg = PruneConfig(
+        hidden_size=48,
+        ffn_hidden_size=64,
+        num_attention_heads=2,
+        num_query_groups=1,
+        num_layers=3,
+        depth_method="block_importance",
+        depth_eval_samples=4,
+        micro_batch_size=2,
+    )
+    report = run_prune(tmp_path / "mc", tmp_path / "out", cfg, _calib())
+    assert report["dropped_layers"] == [IDENTITY_LAYER]
+    assert report["block_importance"][IDENTITY_LAYER] == pytest.approx(0.0, abs=1e-12)
+    imp = torch.load(tmp_path / "out" / "importance.pt", weights_only=False)
+    low_c = set(torch.sort(imp["channels"]).indices[:16].tolist())
+    assert low_c == set(LOW_CHANNELS)
+    for i in range(4):
+        assert set(torch.sort(imp["neurons"][i]).indices[:32].tolist()) == set(LOW_NEURONS[i])
+    pruned = _logits(tmp_path / "out" / "ckpt")
+    expected = _hand_sliced_hf_logits(_state(hf))
+    assert max_rel_err(pruned, expected) < 1e-5
+
+
+def test_reprune_from_saved_importance_equals_recalibrating(source, tmp_path):
+    first = PruneConfig(ffn_hidden_size=48, depth_scores=False, depth_eval_samples=4)
+    run_prune(source["mc"], tmp_path / "a", first, _calib(seed=0))
+    second = dict(hidden_size=40, num_attention_heads=2, depth_scores=False, depth_eval_samples=4)
+    reused = PruneConfig(**second, importance=str(tmp_path / "a" / "importance.pt"))
+    # Different calibration data: equal results prove the file was read, not recomputed.
+    run_prune(source["mc"], tmp_path / "b", reused, _calib(seed=99))
+    run_prune(source["mc"], tmp_path / "c", PruneConfig(**second), _calib(seed=0))
+    b, c = _state(tmp_path / "b" / "hf"), _state(tmp_path / "c" / "hf")
+    assert set(b) == set(c) and all(torch.equal(b[k], c[k]) for k in b)
+
+
+@pytest.mark.dist
+def test_tp2_and_pp2_prune_like_tp1(source, tmp_path):
+    cfg = PruneConfig(
+        hidden_size=48,
+        ffn_hidden_size=64,
+        num_attention_heads=2,
+        num_layers=2,
+        depth_eval_samples=4,
+        micro_batch_size=2,
+    )
+    results = {}
+    for tp, pp in [(1, 1), (2, 1), (1, 2)]:
+        out = tmp_path / f"tp{tp}pp{pp}"
+        report = run_prune(source["mc"], out, cfg, _calib(), tp=tp, pp=pp)
+        results[(tp, pp)] = (
+            report,
+            torch.load(out / "importance.pt", weights_only=False),
+            _state(out / "hf"),
+        )
+    ref_report, ref_imp, ref_state = results[(1, 1)]
+    # TP=2 sums row-parallel partial products in another order than TP=1, so activations (and
+    # importance) differ in the last bits; the ranking, hence every pruned weight, is identical.
+    for layout in [(2, 1), (1, 2)]:
+        report, imp, state = results[layout]
+        assert report["dropped_layers"] == ref_report["dropped_layers"]
+        for key in ("heads", "neurons", "channels", "block_importance"):
+            torch.testing.assert_close(imp[key], ref_imp[key], rtol=1e-6, atol=0)
+        assert set(state) == set(ref_state)
+        assert all(torch.equal(state[k], ref_state[k]) for k in state), layout
+    # PP only moves activations between stages: its importance is bitwise identical.
+    for key in ("heads", "neurons", "channels", "block_importance"):
+        assert torch.equal(results[(1, 2)][1][key], ref_imp[key]), key
+
+
+@pytest.mark.parametrize(
+    "targets,tp,match",
+    [
+        (
+            dict(ffn_hidden_size=51),
+            2,
+            r"prune target: tensor parallel size 2 does not divide arch\.ffn_hidden_size = 51",
+        ),
+        (
+            dict(num_attention_heads=3),
+            1,
+            r"num_attention_heads = 3 is not a multiple of num_query_groups = 2",
+        ),
+        (
+            dict(ffn_hidden_size=200),
+            1,
+            r"prune\.ffn_hidden_size = 200 is larger than the source's 96",
+        ),
+        (
+            dict(num_query_groups=1),
+            1,
+            r"2 heads per query group exceeds|4 heads per query group exceeds",
+        ),
+        (dict(drop_layers=[1, 9]), 1, r"prune\.drop_layers: expected distinct indices in 0\.\.3"),
+    ],
+    ids=["tp", "heads-groups", "larger", "per-group", "drop-layers"],
+)
+def test_impossible_targets_are_refused_before_work(source, tmp_path, targets, tp, match):
+    with pytest.raises(MinitronError, match=match):
+        run_prune(source["mc"], tmp_path / "out", PruneConfig(**targets), _calib(), tp=tp)
+    assert not (tmp_path / "out").exists()
