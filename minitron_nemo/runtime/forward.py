@@ -21,18 +21,22 @@ def position_ids(tokens_bs: torch.Tensor) -> torch.Tensor:
     return torch.arange(s, device=tokens_bs.device).unsqueeze(0).expand(b, s)
 
 
+PAD_LOGIT = -1e30
+"""Logit given to padded vocabulary rows: exp() is exactly 0 like -inf, yet finite, so
+0 * log-prob terms and their gradients stay 0 instead of NaN."""
+
+
 def mask_vocab_padding(logits_bsv: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Set the logits of padded vocabulary rows (>= vocab_size) on this TP rank to -inf, so
-    softmaxes and losses equal those of the unpadded HF model."""
+    """Set the logits of padded vocabulary rows (>= vocab_size) on this TP rank to PAD_LOGIT,
+    so softmaxes and losses equal those of the unpadded HF model."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     local_v = logits_bsv.shape[-1]
     start = tp_rank * local_v
     first_pad = vocab_size - start
     if first_pad >= local_v:
         return logits_bsv
-    logits_bsv = logits_bsv.clone()
-    logits_bsv[..., max(first_pad, 0) :] = float("-inf")
-    return logits_bsv
+    keep = torch.arange(local_v, device=logits_bsv.device) < first_pad
+    return torch.where(keep, logits_bsv, torch.full_like(logits_bsv, PAD_LOGIT))
 
 
 def run_forward(
