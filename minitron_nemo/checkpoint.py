@@ -125,13 +125,16 @@ def load_weights(model: torch.nn.Module, weights_dir: Path) -> None:
 
 
 def load_model(
-    ckpt: Path, dtype: torch.dtype | None = None, use_te: bool | None = None
+    ckpt: Path,
+    dtype: torch.dtype | None = None,
+    use_te: bool | None = None,
+    fp8: str | None = None,
 ) -> tuple[torch.nn.Module, ModelArch]:
     """Build this rank's model for the checkpoint's arch and load its weights."""
     from minitron_nemo.models.build import build_model
 
     require_checkpoint(ckpt)
     arch = ModelArch.load(ckpt / "arch.yaml")
-    model = build_model(arch, dtype or checkpoint_dtype(ckpt), use_te=use_te)
+    model = build_model(arch, dtype or checkpoint_dtype(ckpt), use_te=use_te, fp8=fp8)
     load_weights(model, ckpt / "weights")
     return model, arch

@@ -69,6 +69,46 @@ class PruneConfig:
 
 
 @dataclass
+class DistillConfig:
+    mode: str = "distill"
+    """distill (student learns from teacher), lm (LM loss only: scratch baseline) or
+    teacher_correction (the teacher fine-tuned with the LM loss, P2)."""
+    steps: int = 100
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    """Samples per optimizer step = micro_batch_size x micro-batches x data-parallel size."""
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 40
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    adam_beta2: float = 0.95
+    kl: str = "forward"
+    """forward (KL(teacher || student), the paper's best), reverse, or topk."""
+    top_k: int = 100
+    temperature: float = 1.0
+    logits_weight: float = 1.0
+    """Weight of the logit KD loss (0 disables it)."""
+    lm_weight: float = 0.0
+    """Weight of the LM cross entropy on the data (0 disables it)."""
+    intermediate_pairs: list[list[int]] = field(default_factory=list)
+    """[[student_layer, teacher_layer], ...] hidden-state pairs (0-based layer outputs)."""
+    intermediate_loss: str = "cosine"
+    intermediate_weight: float = 1.0
+    dynamic_alpha: bool = True
+    """alpha = L_logits / L_intermediate (detached), P1; else intermediate_weight."""
+    kd_chunk_tokens: int = 1024
+    """Tokens per chunk of the KD loss (bounds the fp32 softmax memory)."""
+    save_every: int = 50
+    log_every: int = 1
+    seed: int = 1234
+    fp8: str | None = None
+    """hybrid / e4m3 through TransformerEngine (GPU only); None for bf16/fp32."""
+    fp8_teacher: bool = False
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     run_dir: str = "runs/${name}"
@@ -78,6 +118,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form section for stages that are not typed yet."""
 

@@ -41,7 +41,10 @@ def layer_spec(use_te: bool, qk_layernorm: bool = False) -> ModuleSpec:
 
 
 def transformer_config(
-    arch: ModelArch, dtype: torch.dtype = torch.float32, perform_initialization: bool = False
+    arch: ModelArch,
+    dtype: torch.dtype = torch.float32,
+    perform_initialization: bool = False,
+    fp8: str | None = None,
 ) -> TransformerConfig:
     """megatron TransformerConfig for `arch` with the current parallel state's TP/PP sizes."""
     on_gpu = cpu_compat.cuda_available()
@@ -75,6 +78,9 @@ def transformer_config(
         masked_softmax_fusion=False,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
+        # FP8 runs through TransformerEngine layers (the TE spec); megatron wraps the forward
+        # in TE's fp8 autocast when `fp8` is set.
+        fp8=fp8,
     )
 
 
@@ -83,8 +89,13 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     use_te: bool | None = None,
     perform_initialization: bool = False,
+    fp8: str | None = None,
 ) -> GPTModel:
     """This rank's shard (TP slice, PP stage) of the model, on the runtime device."""
+    if fp8 is not None:
+        if use_te is False or not te_available():
+            raise MinitronError(f"fp8 = {fp8!r} needs TransformerEngine on a GPU (not available)")
+        use_te = True
     if use_te is None:
         use_te = te_available()
     elif use_te and not te_available():
@@ -93,7 +104,7 @@ def build_model(
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_pipeline_model_parallel_world_size(),
     )
-    config = transformer_config(arch, dtype, perform_initialization)
+    config = transformer_config(arch, dtype, perform_initialization, fp8)
     scaling = arch.rope_scaling or {}
     model = GPTModel(
         config=config,

@@ -91,13 +91,19 @@ def install() -> None:
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[assignment]
 
     # schedules.py allocates `torch.zeros([], dtype=torch.int, device="cuda")`; the optimizer's
-    # clip_grads.py / optimizer.py build `torch.tensor(..., device="cuda")` for grad norms.
+    # clip_grads.py / optimizer.py build `torch.tensor(..., device="cuda")` for grad norms, and
+    # utils.py's local_multi_tensor_l2_norm (no apex/TE) `torch.tensor(..., device="cuda")`.
+    from megatron.core import utils as mcore_utils
     from megatron.core.optimizer import clip_grads, optimizer
     from megatron.core.pipeline_parallel import schedules
 
     cpu_torch = _TorchWithCpuFactories()
-    for module in (schedules, clip_grads, optimizer):
+    for module in (schedules, clip_grads, optimizer, mcore_utils):
         module.torch = cpu_torch  # type: ignore[attr-defined]
+
+    # clip_grads.clip_grad_by_total_norm_fp32 asserts `param.grad.type() ==
+    # 'torch.cuda.FloatTensor'`; the optimizer calls it through its own imported name.
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
 
     # Attention / dropout fork "model-parallel-rng" of the CUDA RNG tracker, whose seeding
     # (`model_parallel_cuda_manual_seed`) calls torch.cuda.get_rng_state. A tracker that keeps
@@ -105,6 +111,19 @@ def install() -> None:
     from megatron.core.tensor_parallel import random as tp_random
 
     tp_random.CudaRNGStatesTracker = _CpuRNGStatesTracker  # type: ignore[misc]
+
+
+def _clip_grad_by_total_norm_fp32(
+    parameters, max_norm: float, total_norm: float, use_decoupled_grad: bool = False
+) -> None:
+    """megatron's clip_grad_by_total_norm_fp32 (same scaling) without its CUDA-type assert."""
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if isinstance(clip_coeff, torch.Tensor):
+        torch._foreach_mul_(grads, clip_coeff.clamp_max(1.0))
+    elif clip_coeff < 1.0:
+        torch._foreach_mul_(grads, clip_coeff)
 
 
 class _CpuRNGStatesTracker:
