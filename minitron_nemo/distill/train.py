@@ -386,7 +386,7 @@ def _train_on_rank(
             state["consumed_samples"] += cfg.global_batch_size
             elapsed = time.time() - start
             logs.update(
-                lr=scheduler.get_lr(optimizer.param_groups[0]),
+                lr=lr,
                 grad_norm=float(grad_norm or 0.0),
                 tokens_per_s=tokens_per_step / elapsed,
                 step=state["step"],
