@@ -120,8 +120,10 @@ def load_weights(model: torch.nn.Module, weights_dir: Path) -> None:
     """Fill this rank's model shard from a dist-checkpoint saved at any TP/PP."""
     from megatron.core import dist_checkpointing
 
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(weights_dir))
-    model.load_state_dict(state)
+    sharded = model.sharded_state_dict()
+    state = dist_checkpointing.load(sharded, str(weights_dir))
+    # A training checkpoint also holds the optimizer's common (non-sharded) state: skip it.
+    model.load_state_dict({k: v for k, v in state.items() if k in sharded})
 
 
 def load_model(

@@ -63,6 +63,12 @@ class KDPair(MegatronModule):
                 p.requires_grad_(False)
         self.h_student = student.config.hidden_size
         self.h_teacher = teacher.config.hidden_size if teacher is not None else 0
+        if projection is not None and not parallel_state.is_pipeline_first_stage():
+            # The projection is replicated on every stage (its grads are summed over PP by the
+            # trainer); megatron counts `shared` params once in the grad norm, like tied
+            # embeddings on the last stage.
+            for p in projection.parameters():
+                p.shared = True
         self.teacher_output: torch.Tensor | None = None
         self.pairs = list(pairs or [])
         self.intermediate_kind = intermediate_kind
@@ -142,13 +148,17 @@ class KDPair(MegatronModule):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """The student's checkpoint keys (a distilled checkpoint loads as a plain model), plus
         the projection under `kd_projection.` when there is one."""
-        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
         state = self.module.sharded_state_dict(prefix, sharded_offsets, metadata)
         if self.projection is not None:
-            state.update(
-                make_sharded_tensors_for_checkpoint(
-                    self.projection.state_dict(prefix="", keep_vars=True), f"{prefix}kd_projection."
-                )
+            # Replicated on every rank: exactly one (all ranks 0) is the main replica.
+            replica = (
+                parallel_state.get_pipeline_model_parallel_rank(),
+                parallel_state.get_tensor_model_parallel_rank(),
+                parallel_state.get_data_parallel_rank(),
             )
+            for name, tensor in self.projection.state_dict(prefix="", keep_vars=True).items():
+                key = f"{prefix}kd_projection.{name}"
+                state[key] = ShardedTensor.from_rank_offsets(key, tensor, replica_id=replica)
         return state

@@ -205,6 +205,7 @@ def _load(step_dir: Path, pair: KDPair, optimizer, scheduler) -> dict:
         )
     optimizer.load_state_dict(state["optimizer"])
     train_state = json.loads((step_dir / "train_state.json").read_text())
+    scheduler.num_steps = 0  # load_state_dict advances by the saved count from here
     scheduler.load_state_dict(train_state.pop("scheduler"))
     rng_file = step_dir / "rng" / f"rank{dist.get_rank()}.pt"
     if rng_file.is_file():
@@ -227,7 +228,10 @@ def _train_on_rank(
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.optimizer_param_scheduler import (
+        OptimizerParamScheduler,
+        get_canonical_lr_for_logging,
+    )
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from minitron_nemo.models.build import build_model
@@ -298,6 +302,9 @@ def _train_on_rank(
             wd_incr_steps=cfg.steps,
             wd_incr_style="constant",
         )
+        # megatron's warmup starts at init_lr = 0 for scheduler step 0; advancing once makes the
+        # first optimizer step train at lr / warmup_steps instead of not at all.
+        scheduler.step(increment=1)
         config = student.config
         config.no_sync_func = ddp.no_sync
         config.finalize_model_grads_func = finalize_model_grads
@@ -376,7 +383,7 @@ def _train_on_rank(
                     dist.all_reduce(
                         p.main_grad, group=parallel_state.get_pipeline_model_parallel_group()
                     )
-            lr = optimizer.param_groups[0]["lr"]
+            lr = get_canonical_lr_for_logging(optimizer.param_groups)
             _ok, grad_norm, _ = optimizer.step()
             scheduler.step(increment=1)
             logs = _reduce_logs(losses, pair, ctx, cfg)
