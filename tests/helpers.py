@@ -110,3 +110,61 @@ def torchrun(
             f"{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
         )
     return result
+
+
+WORDS = {
+    "subject": ["the cat", "a dog", "the old man", "my sister", "the river", "a small bird"],
+    "verb": ["sees", "likes", "follows", "finds", "hears", "paints"],
+    "object": ["the house", "a red ball", "the tall tree", "some bread", "the moon", "a letter"],
+    "tail": ["today.", "at night.", "in the park.", "again.", "with care.", "near the hill."],
+}
+
+
+def synthetic_text(n_sentences: int = 600, seed: int = 0) -> str:
+    """English-like sentences from a tiny grammar: structured enough to learn in a few steps."""
+    import random
+
+    rng = random.Random(seed)
+    sentences = [
+        " ".join(rng.choice(WORDS[k]) for k in ("subject", "verb", "object", "tail")).capitalize()
+        for _ in range(n_sentences)
+    ]
+    return "\n".join(" ".join(sentences[i : i + 5]) for i in range(0, n_sentences, 5))
+
+
+def make_tiny_tokenizer(out: Path, text: str, vocab_size: int = 200):
+    """A byte-level BPE tokenizer trained on `text`, saved as an HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(text.splitlines(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    fast.save_pretrained(out)
+    return fast
+
+
+def make_tiny_teacher_with_tokenizer(out: Path, text: str, seed: int = 0) -> Path:
+    """Tiny random Llama + a BPE tokenizer trained on `text`, in one HF directory."""
+    tokenizer = make_tiny_tokenizer(out, text)
+    make_tiny_hf(
+        "llama",
+        out,
+        seed=seed,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return out

@@ -139,6 +139,9 @@ def _loss_fn(pair: KDPair, cfg: DistillConfig, vocab: int, labels_bs: torch.Tens
         "lm": cfg.lm_weight if pair.teacher is not None else 1.0,
     }
     total, logs = combine(logits_loss, None, lm, weights, dynamic=False)
+    if lm is None:  # monitor the student's LM loss anyway (comparable with the scratch run)
+        with torch.no_grad():
+            logs["loss_lm"] = float(token_losses(output, labels_bs, vocab).mean())
     return total, {k: torch.tensor(v, dtype=torch.double) for k, v in logs.items()}
 
 

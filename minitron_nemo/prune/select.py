@@ -9,6 +9,7 @@ import torch
 
 from minitron_nemo.errors import MinitronError
 from minitron_nemo.models.arch import ModelArch
+from minitron_nemo.models.families import family_by_name
 
 WIDTH_AXES = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
 SEARCH_AXES = (*WIDTH_AXES, "num_layers")
@@ -95,6 +96,7 @@ def target_arch(source: ModelArch, targets: Targets, tp: int = 1, pp: int = 1) -
     )
     try:
         arch.check_parallel(tp, pp)
+        family_by_name(arch.family).check_exportable(arch)
     except MinitronError as exc:
         raise MinitronError(f"prune target: {exc}") from None
     return arch
@@ -139,7 +141,7 @@ def search_architecture(
         ):
             continue
         arch = source.replace(**change)
-        if arch.num_layers % pp:
+        if arch.num_layers % pp or arch.hidden_size % arch.num_attention_heads:
             continue
         considered += 1
         params = arch.num_parameters()

@@ -123,6 +123,17 @@ class Family:
     def hf_config_kwargs(self, arch: ModelArch) -> dict[str, Any]:
         raise NotImplementedError
 
+    def check_exportable(self, arch: ModelArch) -> None:
+        """Refuse an architecture transformers cannot load (checked before pruning to it)."""
+        # transformers 5 validates hidden_size % num_attention_heads == 0 for these configs,
+        # even when head_dim is given explicitly.
+        if arch.hidden_size % arch.num_attention_heads:
+            raise MinitronError(
+                f"hidden_size {arch.hidden_size} is not a multiple of num_attention_heads "
+                f"{arch.num_attention_heads}: transformers could not load the exported "
+                f"{self.name} model"
+            )
+
 
 REGISTRY: dict[str, Family] = {}
 

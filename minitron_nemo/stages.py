@@ -1,0 +1,276 @@
+"""`minitron run`: the whole chain as stages that each read and write one directory.
+
+    teacher  -> HF teacher converted to megatron (run_dir/teacher)
+    data     -> tokenised, disjoint calibration / distillation / held-out samples
+    correct  -> (optional) teacher correction: the teacher fine-tuned with the LM loss
+    prune    -> importance, pruned checkpoint, prune report and plots
+    distill  -> the pruned student distilled from the teacher
+    scratch  -> the same architecture from random init, LM loss, same data and steps
+    export   -> HF directories of the distilled student (and the scratch baseline)
+    eval     -> held-out loss / perplexity and multiple-choice accuracy of every model
+    report   -> report.md (table) + PNGs
+
+A stage is skipped when its directory is complete (DONE marker); `--from STAGE` reruns it and
+all later ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from minitron_nemo import checkpoint
+from minitron_nemo.config import RunConfig, to_yaml
+from minitron_nemo.errors import MinitronError
+
+log = logging.getLogger(__name__)
+STAGES = ("teacher", "data", "correct", "prune", "distill", "scratch", "export", "eval", "report")
+RESUMABLE = frozenset({"correct", "distill", "scratch"})  # training resumes from checkpoints
+
+
+class Pipeline:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.dir = Path(cfg.run_dir)
+
+    # -- paths -------------------------------------------------------------------------
+    def stage_dir(self, stage: str) -> Path:
+        return self.dir / stage
+
+    @property
+    def teacher_ckpt(self) -> Path:
+        if self.cfg.teacher_correction.enabled:
+            return self.stage_dir("correct") / "ckpt"
+        return self.stage_dir("teacher")
+
+    @property
+    def splits_path(self) -> Path:
+        return self.stage_dir("data") / "splits.pt"
+
+    def splits(self) -> dict[str, torch.Tensor]:
+        return torch.load(self.splits_path)
+
+    def enabled(self, stage: str) -> bool:
+        if stage == "correct":
+            return self.cfg.teacher_correction.enabled
+        if stage == "scratch":
+            return self.cfg.scratch
+        return True
+
+    # -- running -----------------------------------------------------------------------
+    def run(self, from_stage: str | None = None, until: str | None = None) -> None:
+        """Run every enabled stage in order (skipping complete ones) up to `until`."""
+        for name, value in (("--from", from_stage), ("until", until)):
+            if value is not None and value not in STAGES:
+                raise MinitronError(f"{name}: expected one of {STAGES}, got {value!r}")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "config.yaml").write_text(to_yaml(self.cfg))
+        log.info("run directory %s; resolved config:\n%s", self.dir, to_yaml(self.cfg))
+        rerun = False
+        last = STAGES.index(until) if until else len(STAGES) - 1
+        for stage in STAGES[: last + 1]:
+            rerun = rerun or stage == from_stage
+            if not self.enabled(stage):
+                continue
+            out = self.stage_dir(stage)
+            if checkpoint.is_complete(out) and not rerun:
+                log.info("stage %s: complete, skipped (%s)", stage, out)
+                continue
+            if out.exists() and (stage not in RESUMABLE or rerun):
+                shutil.rmtree(out)
+            log.info("stage %s: running", stage)
+            start = time.time()
+            getattr(self, f"stage_{stage}")(out)
+            seconds = time.time() - start
+            if not checkpoint.is_complete(out):
+                out.mkdir(parents=True, exist_ok=True)
+                (out / checkpoint.DONE).write_text("ok\n")
+            (out / "stage.json").write_text(json.dumps({"stage": stage, "seconds": seconds}))
+            log.info("stage %s: done in %.1f s", stage, seconds)
+
+    def stage_seconds(self) -> dict[str, float]:
+        out = {}
+        for stage in STAGES:
+            path = self.stage_dir(stage) / "stage.json"
+            if path.is_file():
+                out[stage] = json.loads(path.read_text())["seconds"]
+        return out
+
+    # -- stages ------------------------------------------------------------------------
+    def teacher_hf_dir(self) -> Path:
+        if self.cfg.teacher == "smollm2":
+            from minitron_nemo.data.sources import smollm2_hf_dir
+
+            return smollm2_hf_dir()
+        return Path(self.cfg.teacher)
+
+    def stage_teacher(self, out: Path) -> None:
+        from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
+
+        p = self.cfg.parallel
+        hf_to_mcore(self.teacher_hf_dir(), out, tp=p.tp, pp=p.pp, dtype=self.cfg.dtype)
+
+    def stage_data(self, out: Path) -> None:
+        from minitron_nemo.data.text import (
+            load_tokenizer,
+            make_samples,
+            read_documents,
+            split_samples,
+            tokenize_stream,
+        )
+
+        d = self.cfg.data
+        tokenizer = load_tokenizer(self.stage_dir("teacher") / "tokenizer")
+        stream = tokenize_stream(read_documents(d.source), tokenizer)
+        samples = make_samples(stream, d.seq_length)
+        splits = split_samples(
+            samples, d.heldout_samples, d.calibration_samples, d.distill_samples, d.seed
+        )
+        with checkpoint.atomic_directory(out) as tmp:
+            torch.save(
+                {
+                    "calibration": splits.calibration,
+                    "distill": splits.distill,
+                    "heldout": splits.heldout,
+                },
+                tmp / "splits.pt",
+            )
+            (tmp / "data.json").write_text(
+                json.dumps(
+                    {
+                        "source": d.source,
+                        "tokens": int(stream.numel()),
+                        "seq_length": d.seq_length,
+                        "samples": {
+                            k: int(getattr(splits, k).shape[0])
+                            for k in ("calibration", "distill", "heldout")
+                        },
+                    },
+                    indent=2,
+                )
+            )
+
+    def _train(
+        self,
+        student: Path,
+        out: Path,
+        mode: str,
+        teacher: Path | None,
+        init_random: bool = False,
+        **overrides,
+    ):
+        import dataclasses
+
+        from minitron_nemo.distill.train import train
+
+        cfg = dataclasses.replace(self.cfg.distill, mode=mode, **overrides)
+        p = self.cfg.parallel
+        return train(
+            student,
+            out,
+            cfg,
+            self.splits()["distill"],
+            teacher,
+            tp=p.tp,
+            pp=p.pp,
+            dp=p.dp,
+            resume=True,
+            init_random=init_random,
+        )
+
+    def stage_correct(self, out: Path) -> None:
+        tc = self.cfg.teacher_correction
+        final = self._train(
+            self.stage_dir("teacher"),
+            out / "train",
+            "teacher_correction",
+            None,
+            steps=tc.steps,
+            lr=tc.lr,
+            min_lr=tc.lr / 10,
+            warmup_steps=tc.warmup_steps,
+            save_every=tc.steps,
+        )
+        shutil.copytree(final, out / "ckpt")
+
+    def stage_prune(self, out: Path) -> None:
+        from minitron_nemo.prune.stage import run_prune
+
+        p = self.cfg.parallel
+        run_prune(
+            self.teacher_ckpt, out, self.cfg.prune, self.splits()["calibration"], tp=p.tp, pp=p.pp
+        )
+
+    def stage_distill(self, out: Path) -> None:
+        final = self._train(self.stage_dir("prune") / "ckpt", out, "distill", self.teacher_ckpt)
+        (out / "final.txt").write_text(str(final))
+
+    def stage_scratch(self, out: Path) -> None:
+        final = self._train(self.stage_dir("prune") / "ckpt", out, "lm", None, init_random=True)
+        (out / "final.txt").write_text(str(final))
+
+    def final_checkpoint(self, stage: str) -> Path:
+        return Path((self.stage_dir(stage) / "final.txt").read_text().strip())
+
+    def stage_export(self, out: Path) -> None:
+        from minitron_nemo.convert.mcore_to_hf import mcore_to_hf
+
+        out.mkdir(parents=True)
+        mcore_to_hf(self.final_checkpoint("distill"), out / "student")
+        if self.cfg.scratch:
+            mcore_to_hf(self.final_checkpoint("scratch"), out / "scratch")
+        if self.cfg.teacher_correction.enabled:
+            mcore_to_hf(self.teacher_ckpt, out / "teacher_corrected")
+
+    def models_to_evaluate(self) -> dict[str, Path]:
+        models = {"teacher": self.teacher_hf_dir()}
+        if self.cfg.teacher_correction.enabled:
+            models["teacher (corrected)"] = self.stage_dir("export") / "teacher_corrected"
+        models["pruned (no training)"] = self.stage_dir("prune") / "hf"
+        models["distilled"] = self.stage_dir("export") / "student"
+        if self.cfg.scratch:
+            models["scratch (LM, same tokens)"] = self.stage_dir("export") / "scratch"
+        return models
+
+    def stage_eval(self, out: Path) -> None:
+        from transformers import AutoTokenizer
+
+        from minitron_nemo.eval.lm import heldout_loss, load_hf_model
+        from minitron_nemo.eval.mc import load_task, score_questions
+
+        heldout = self.splits()["heldout"]
+        tasks = {t: load_task(t, self.cfg.eval.limit) for t in self.cfg.eval.tasks}
+        results = {}
+        for name, hf_dir in self.models_to_evaluate().items():
+            start = time.time()
+            model = load_hf_model(hf_dir)
+            tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+            loss = heldout_loss(model, heldout, self.cfg.eval.heldout_batch_size)
+            entry = {
+                "params": sum(p.numel() for p in model.parameters()),
+                "heldout_loss": loss,
+                "heldout_ppl": float(torch.tensor(loss).exp()),
+                "tasks": {t: score_questions(model, tokenizer, qs) for t, qs in tasks.items()},
+            }
+            entry["seconds"] = time.time() - start
+            results[name] = entry
+            log.info(
+                "eval %s: loss %.3f %s",
+                name,
+                loss,
+                {t: r["acc"] for t, r in entry["tasks"].items()},
+            )
+        with checkpoint.atomic_directory(out) as tmp:
+            (tmp / "results.json").write_text(json.dumps(results, indent=2))
+
+    def stage_report(self, out: Path) -> None:
+        from minitron_nemo.report.run_report import write_report
+
+        with checkpoint.atomic_directory(out) as tmp:
+            table = write_report(self, tmp)
+        print(table)

@@ -1,0 +1,77 @@
+"""Recipes validate; launchers parse; the Dockerfile is pinned and installs the package."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minitron_nemo.errors import MinitronError
+from minitron_nemo.validate import validate_recipe
+from tests.helpers import REPO
+
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
+def test_every_recipe_validates(recipe):
+    validate_recipe(recipe)
+
+
+def test_recipes_carry_a_launch_command():
+    for recipe in RECIPES:
+        if recipe.name != "base.yaml":
+            header = recipe.read_text().split("\n\n")[0]
+            assert re.search(r"^# Launch", header, re.M), recipe
+
+
+def test_validate_catches_bad_recipes(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        f"base: {REPO / 'recipes/smollm2_135m_cpu.yaml'}\nprune:\n  ffn_hidden_sise: 3\n"
+    )
+    with pytest.raises(MinitronError, match="ffn_hidden_sise"):
+        validate_recipe(bad)
+    bad.write_text(
+        f"base: {REPO / 'recipes/llama31_8b_to_4b_width.yaml'}\nprune:\n  ffn_hidden_size: 9217\n"
+    )
+    with pytest.raises(MinitronError, match="tensor parallel size 8 does not divide"):
+        validate_recipe(bad)
+    result = subprocess.run(
+        [sys.executable, "-m", "minitron_nemo.cli", "validate", str(bad)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+@pytest.mark.parametrize(
+    "script", ["launch/torchrun.sh", "launch/slurm.sbatch", "scripts/setup.sh", ".ci/run"]
+)
+def test_shell_scripts_parse(script):
+    subprocess.run(["bash", "-n", str(REPO / script)], check=True)
+
+
+def test_nemo_run_launcher_compiles():
+    compile((REPO / "launch/nemo_run.py").read_text(), "nemo_run.py", "exec")
+
+
+def test_dockerfile_is_pinned_and_installs_the_package():
+    lines = [line.strip() for line in (REPO / "docker/Dockerfile").read_text().splitlines()]
+    instructions = [line for line in lines if line and not line.startswith("#")]
+    base = [line for line in instructions if line.startswith("FROM ")]
+    assert len(base) == 1
+    image = base[0].split()[1]
+    assert re.fullmatch(r"nvcr\.io/nvidia/(nemo|pytorch):[0-9][\w.\-]+", image), image
+    assert not image.endswith(":latest")
+    text = "\n".join(instructions)
+    assert "megatron-core==0.19.2" in text
+    assert re.search(r"pip install [^\n]*-e \.", text)
+    for path in ("minitron_nemo", "recipes", "launch", "setup.py"):
+        assert re.search(rf"^COPY .*\b{re.escape(path)}\b", text, re.M), path
+    assert Path(REPO / "docker/README.md").is_file()
