@@ -16,20 +16,13 @@ def test_distillation_recovers_and_beats_lm_only(tmp_path):
     from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
     from minitron_nemo.convert.mcore_to_hf import mcore_to_hf
     from minitron_nemo.data.sources import smollm2_hf_dir
-    from minitron_nemo.data.text import (
-        load_tokenizer,
-        make_samples,
-        read_documents,
-        split_samples,
-        tokenize_stream,
-    )
+    from minitron_nemo.data.text import source_splits
     from minitron_nemo.distill.train import read_metrics, train
     from minitron_nemo.eval.lm import heldout_loss, load_hf_model
     from minitron_nemo.prune.stage import run_prune
 
     hf_dir = smollm2_hf_dir()
-    stream = tokenize_stream(read_documents("gensim:lee_background"), load_tokenizer(hf_dir))
-    splits = split_samples(make_samples(stream, 128), heldout=16, calibration=20, seed=0)
+    splits = source_splits("gensim:lee_background", hf_dir, 128, heldout=16, calibration=20)
     hf_to_mcore(hf_dir, tmp_path / "teacher")
     run_prune(
         tmp_path / "teacher",

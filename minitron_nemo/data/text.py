@@ -112,3 +112,17 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def source_splits(
+    source: str,
+    tokenizer_dir: Path,
+    seq_length: int,
+    heldout: int,
+    calibration: int,
+    distill: int | None = None,
+    seed: int = 0,
+) -> Splits:
+    """Tokenise a source with the tokenizer in `tokenizer_dir` and split it (see above)."""
+    stream = token_stream(source, load_tokenizer(tokenizer_dir))
+    return split_samples(make_samples(stream, seq_length), heldout, calibration, distill, seed)

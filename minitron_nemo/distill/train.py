@@ -169,7 +169,10 @@ def _save(
     model_sd = pair.sharded_state_dict()
     sharded = {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}
     dist_checkpointing.save(sharded, str(tmp / "weights"))
-    torch.save({"torch": torch.get_rng_state()}, tmp / "rng" / f"rank{rank}.pt")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / "rng" / f"rank{rank}.pt")
     dist.barrier()
     if os.environ.get("MINITRON_TEST_KILL_DURING_SAVE") == str(state["step"]):
         os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with a half-written checkpoint
@@ -212,7 +215,10 @@ def _load(step_dir: Path, pair: KDPair, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(train_state.pop("scheduler"))
     rng_file = step_dir / "rng" / f"rank{dist.get_rank()}.pt"
     if rng_file.is_file():
-        torch.set_rng_state(torch.load(rng_file)["torch"])
+        rng = torch.load(rng_file)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
     return train_state
 
 
@@ -357,9 +363,11 @@ def _train_on_rank(
                     cfg.seed,
                 )
             ]
-            pair.aux_scale = (
-                state["alpha"] if cfg.dynamic_alpha else cfg.intermediate_weight
-            ) / n_micro
+            # Dynamic alpha (P1) uses the previous step's L_logits / L_intermediate: the current
+            # logits loss is only known at the end of the pipeline, after the stage that adds
+            # the intermediate loss to the backward pass.
+            alpha = state["alpha"] if cfg.dynamic_alpha else cfg.intermediate_weight
+            pair.aux_scale = alpha / n_micro
             pair.intermediate_values.clear()
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
@@ -389,7 +397,7 @@ def _train_on_rank(
             lr = get_canonical_lr_for_logging(optimizer.param_groups)
             _ok, grad_norm, _ = optimizer.step()
             scheduler.step(increment=1)
-            logs = _reduce_logs(losses, pair, ctx, cfg)
+            logs = _reduce_logs(losses, pair, ctx, alpha)
             if pair.pairs and logs.get("loss_intermediate", 0) > 0 and "loss_logits" in logs:
                 state["alpha"] = logs["loss_logits"] / logs["loss_intermediate"]
             state["step"] += 1
@@ -427,31 +435,32 @@ def _train_on_rank(
             writer.close()
 
 
-def _reduce_logs(losses: list[dict], pair: KDPair, ctx, cfg: DistillConfig) -> dict[str, float]:
-    """Mean of each logged term over micro-batches and DP ranks, known on every rank."""
+def _reduce_logs(losses: list[dict], pair: KDPair, ctx, alpha: float) -> dict[str, float]:
+    """Mean of each logged term over micro-batches and DP ranks, known on every rank.
+
+    `alpha` is the intermediate-loss weight this step trained with."""
     from megatron.core import parallel_state
 
     keys = ["loss", "loss_logits", "loss_lm", "loss_intermediate"]
-    values = torch.zeros(len(keys) + 1, dtype=torch.double)
+    # Row 0: values, row 1: 1 where a term exists (on GPU for nccl).
+    values = torch.zeros(2, len(keys), dtype=torch.double, device=ctx.device)
     if ctx.is_last_stage and losses:
         for i, key in enumerate(keys[:3]):
             if key in losses[0]:
-                values[i] = torch.stack([m[key] for m in losses]).mean()
-                values[-1] += 0  # presence is tracked by non-zero values below
+                values[0, i] = torch.stack([m[key] for m in losses]).mean()
+                values[1, i] = 1
     if pair.intermediate_values:
-        values[3] = sum(pair.intermediate_values) / len(pair.intermediate_values)
+        values[0, 3] = sum(pair.intermediate_values) / len(pair.intermediate_values)
+        values[1, 3] = 1
     if ctx.pp > 1:
         dist.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
     if ctx.dp > 1:
         dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
         values /= ctx.dp
-    logs = {k: float(values[i]) for i, k in enumerate(keys) if values[i] != 0}
+    logs = {k: float(values[0, i]) for i, k in enumerate(keys) if values[1, i] > 0}
     if "loss_intermediate" in logs:
-        alpha = logs.get("loss_logits", 0.0) and logs["loss_logits"] / logs["loss_intermediate"]
-        logs["loss"] = (
-            logs.get("loss", 0.0)
-            + (alpha if cfg.dynamic_alpha else cfg.intermediate_weight) * logs["loss_intermediate"]
-        )
+        logs["alpha"] = alpha
+        logs["loss"] = logs.get("loss", 0.0) + alpha * logs["loss_intermediate"]
     return logs
 
 

@@ -110,21 +110,14 @@ def smollm2_prune_quality(
     from minitron_nemo.config import PruneConfig
     from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
     from minitron_nemo.data.sources import smollm2_hf_dir
-    from minitron_nemo.data.text import (
-        load_tokenizer,
-        make_samples,
-        read_documents,
-        split_samples,
-        tokenize_stream,
-    )
+    from minitron_nemo.data.text import source_splits
     from minitron_nemo.eval.lm import load_hf_model
     from minitron_nemo.models.families import family_for_config
     from minitron_nemo.models.families.base import read_config
     from minitron_nemo.prune.stage import run_prune
 
     hf_dir = smollm2_hf_dir()
-    stream = tokenize_stream(read_documents("gensim:lee_background"), load_tokenizer(hf_dir))
-    splits = split_samples(make_samples(stream, seq), heldout, calib, seed=0)
+    splits = source_splits("gensim:lee_background", hf_dir, seq, heldout, calib)
     raw = read_config(hf_dir)
     source = family_for_config(raw, "config.json").arch_from_config(raw, "config.json")
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,7 +138,7 @@ def smollm2_prune_quality(
     return {
         "teacher_loss": heldout_loss(load_hf_model(hf_dir), splits.heldout),
         "width": width_quality(
-            state, source, imp, Targets(hidden_size=432, ffn_hidden_size=768), splits.heldout
+            state, source, imp, PruneConfig(hidden_size=432, ffn_hidden_size=768), splits.heldout
         ),
         "depth": depth_quality(state, source, imp, drop, splits.heldout),
         "calibration_tokens_per_s": (calib - depth_samples) * seq / imp["calibration_seconds"],

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -15,19 +16,18 @@ WIDTH_AXES = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_quer
 SEARCH_AXES = (*WIDTH_AXES, "num_layers")
 
 
-@dataclass
-class Targets:
-    """What the pruned model should look like; unset fields keep the source's size."""
+class Targets(Protocol):
+    """What the pruned model should look like (config.PruneConfig has these fields); unset
+    (None) sizes keep the source's size."""
 
-    hidden_size: int | None = None
-    ffn_hidden_size: int | None = None
-    num_attention_heads: int | None = None
-    num_query_groups: int | None = None
-    num_layers: int | None = None
-    drop_layers: list[int] | None = None
-    target_params: int | None = None
-    """Parameter budget (all parameters): pick an architecture along `search_axes`."""
-    search_axes: list[str] = field(default_factory=lambda: ["hidden_size", "ffn_hidden_size"])
+    hidden_size: int | None
+    ffn_hidden_size: int | None
+    num_attention_heads: int | None
+    num_query_groups: int | None
+    num_layers: int | None
+    drop_layers: list[int] | None
+    target_params: int | None
+    search_axes: list[str]
 
 
 @dataclass

@@ -30,7 +30,6 @@ from minitron_nemo.prune import depth
 from minitron_nemo.prune.importance import check_aggregation, collect_importance
 from minitron_nemo.prune.select import (
     PrunePlan,
-    Targets,
     search_architecture,
     select,
     target_arch,
@@ -43,19 +42,6 @@ log = logging.getLogger(__name__)
 DEPTH_METHODS = ("block", "per_layer", "block_importance")
 
 
-def targets_from_config(cfg: PruneConfig) -> Targets:
-    return Targets(
-        hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        num_query_groups=cfg.num_query_groups,
-        num_layers=cfg.num_layers,
-        drop_layers=list(cfg.drop_layers) if cfg.drop_layers is not None else None,
-        target_params=cfg.target_params,
-        search_axes=list(cfg.search_axes),
-    )
-
-
 def plan_architecture(
     source: ModelArch, cfg: PruneConfig, tp: int, pp: int
 ) -> tuple[ModelArch, dict]:
@@ -66,11 +52,10 @@ def plan_architecture(
         )
     check_aggregation(cfg.aggregation_seq, "prune.aggregation_seq")
     check_aggregation(cfg.aggregation_batch, "prune.aggregation_batch")
-    targets = targets_from_config(cfg)
-    if targets.target_params is not None:
-        arch, search = search_architecture(source, targets, tp, pp)
+    if cfg.target_params is not None:
+        arch, search = search_architecture(source, cfg, tp, pp)
         return arch, {"search": search}
-    return target_arch(source, targets, tp, pp), {}
+    return target_arch(source, cfg, tp, pp), {}
 
 
 def _calibrate_on_rank(

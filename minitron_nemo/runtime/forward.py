@@ -109,7 +109,8 @@ def lm_loss(
 
     def on_output(logits_bsv, batch):
         losses = token_losses(logits_bsv, batch[:, 1:], vocab_size)
-        return torch.stack([losses.sum().double(), torch.tensor(float(losses.numel()))])
+        count = torch.tensor(float(losses.numel()), dtype=torch.double, device=losses.device)
+        return torch.stack([losses.sum().double(), count])
 
     # The schedule needs equal micro-batch shapes: a smaller last batch runs on its own.
     groups = [batches[:-1], batches[-1:]] if batches[-1].shape != batches[0].shape else [batches]
