@@ -13,7 +13,6 @@ Shapes: s = sequence, b = micro-batch, n = heads on this rank, d = head dim.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -223,7 +222,3 @@ def collect_importance(
         seq_length=s_plus_1 - 1,
         aggregation={"seq": seq, "batch": batch},
     )
-
-
-def sample_chunks(samples: torch.Tensor, size: int) -> Sequence[torch.Tensor]:
-    return [samples[i : i + size] for i in range(0, samples.shape[0], size)]

@@ -67,7 +67,6 @@ def slice_state_dict(
     }
     if "lm_head.weight" in state and not source.tie_embeddings:
         out["lm_head.weight"] = _cols(state["lm_head.weight"], ch)
-    per_group_src = source.num_attention_heads // source.num_query_groups
     per_group_new = plan.arch.num_attention_heads // plan.arch.num_query_groups
     for j, i in enumerate(plan.layers):
         src, dst = f"model.layers.{i}.", f"model.layers.{j}."
@@ -106,5 +105,4 @@ def slice_state_dict(
         out[dst + "mlp.down_proj.weight"] = _cols(
             _rows(state[src + "mlp.down_proj.weight"], ch), neurons
         )
-    del per_group_src
     return {k: v.contiguous() for k, v in out.items()}
