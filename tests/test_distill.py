@@ -183,5 +183,24 @@ def test_refusals(models, tmp_path):
         train(models / "student", tmp_path / "a", _cfg(fp8="hybrid"), DATA, models / "teacher")
     with pytest.raises(MinitronError, match="teacher checkpoint is required"):
         train(models / "student", tmp_path / "b", _cfg(), DATA, None)
+    with pytest.raises(
+        MinitronError, match=r"student layer 0 on pipeline stage 0 and teacher layer 3"
+    ):
+        train(
+            models / "student",
+            tmp_path / "d",
+            _cfg(intermediate_pairs=[[0, 3]]),
+            DATA,
+            models / "teacher",
+            pp=2,
+        )
+    with pytest.raises(MinitronError, match=r"\[5, 1\] is out of range"):
+        train(
+            models / "student",
+            tmp_path / "e",
+            _cfg(intermediate_pairs=[[5, 1]]),
+            DATA,
+            models / "teacher",
+        )
     with pytest.raises(MinitronError, match=r"distill\.kl: expected"):
         train(models / "student", tmp_path / "c", _cfg(kl="js"), DATA, models / "teacher")

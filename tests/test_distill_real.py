@@ -37,13 +37,13 @@ def test_distillation_recovers_and_beats_lm_only(tmp_path):
         splits.calibration,
     )
     cfg = dict(
-        steps=14,
+        steps=32,
         global_batch_size=8,
         micro_batch_size=8,
         lr=1e-3,
         min_lr=1e-4,
         warmup_steps=2,
-        save_every=14,
+        save_every=32,
         kd_chunk_tokens=512,
     )
     kd = train(

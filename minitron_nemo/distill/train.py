@@ -79,6 +79,29 @@ def check_config(cfg: DistillConfig) -> None:
         )
 
 
+def check_pairs(pairs: list[list[int]], student: ModelArch, teacher: ModelArch, pp: int) -> None:
+    """Each (student layer, teacher layer) pair must exist and run on the same pipeline stage
+    (layers are split evenly over stages)."""
+    for pair in pairs:
+        if len(pair) != 2:
+            raise MinitronError(
+                f"distill.intermediate_pairs: expected [student, teacher], got {pair}"
+            )
+        s, t = pair
+        if not (0 <= s < student.num_layers and 0 <= t < teacher.num_layers):
+            raise MinitronError(
+                f"distill.intermediate_pairs: {pair} is out of range (student has "
+                f"{student.num_layers} layers, teacher {teacher.num_layers})"
+            )
+        s_stage = s // (student.num_layers // pp)
+        t_stage = t // (teacher.num_layers // pp)
+        if s_stage != t_stage:
+            raise MinitronError(
+                f"distill.intermediate_pairs: {pair} puts student layer {s} on pipeline stage "
+                f"{s_stage} and teacher layer {t} on stage {t_stage}; pairs must share a stage"
+            )
+
+
 def _check_tokenizers(student: Path, teacher: Path) -> None:
     """Teacher and student must share token ids: refuse different token strings."""
     s_tok, t_tok = (
@@ -486,6 +509,8 @@ def train(
         _check_tokenizers(student_ckpt, teacher_ckpt)
     arch = ModelArch.load(student_ckpt / "arch.yaml")
     arch.check_parallel(tp, pp)
+    if cfg.intermediate_pairs and cfg.mode == "distill":
+        check_pairs(cfg.intermediate_pairs, arch, ModelArch.load(teacher_ckpt / "arch.yaml"), pp)
     out.mkdir(parents=True, exist_ok=True)
     (out / "distill_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     if not resume:
