@@ -110,6 +110,17 @@ def test_intermediate_loss_on_both_pipeline_stages(models, tmp_path):
     assert _losses(tmp_path / "pp1", "loss_intermediate")[0] > 0
 
 
+def _spec(models: Path, out: Path, cfg: DistillConfig) -> dict:
+    """What tests/scripts/run_train.py needs to run this training in a fresh process."""
+    return {
+        "student": str(models / "student"),
+        "teacher": str(models / "teacher"),
+        "out": str(out),
+        "cfg": cfg.__dict__,
+        "data": str(models / "data.pt"),
+    }
+
+
 def _run_subprocess(spec: dict, path: Path, env: dict[str, str] | None = None) -> int:
     """Run a training in its own session; output goes to a file (a SIGKILLed trainer leaves
     dist-checkpoint helper processes that would keep a pipe open), stragglers are killed."""
@@ -132,13 +143,7 @@ def _run_subprocess(spec: dict, path: Path, env: dict[str, str] | None = None) -
 def test_resume_after_sigkill_is_bitwise_identical(models, tmp_path):
     cfg = _cfg(steps=6, save_every=2)
     train(models / "student", tmp_path / "full", cfg, DATA, models / "teacher")
-    spec = {
-        "student": str(models / "student"),
-        "teacher": str(models / "teacher"),
-        "out": str(tmp_path / "killed"),
-        "cfg": cfg.__dict__,
-        "data": str(models / "data.pt"),
-    }
+    spec = _spec(models, tmp_path / "killed", cfg)
     rc = _run_subprocess(spec, tmp_path / "spec.json", {"MINITRON_TEST_KILL_AFTER_STEP": "3"})
     assert rc != 0  # killed
     assert latest_checkpoint(tmp_path / "killed" / "checkpoints").name == "step_000002"
@@ -151,13 +156,7 @@ def test_resume_after_sigkill_is_bitwise_identical(models, tmp_path):
 
 def test_half_written_checkpoint_is_never_picked_up(models, tmp_path):
     cfg = _cfg(steps=6, save_every=2)
-    spec = {
-        "student": str(models / "student"),
-        "teacher": str(models / "teacher"),
-        "out": str(tmp_path / "run"),
-        "cfg": cfg.__dict__,
-        "data": str(models / "data.pt"),
-    }
+    spec = _spec(models, tmp_path / "run", cfg)
     rc = _run_subprocess(spec, tmp_path / "spec.json", {"MINITRON_TEST_KILL_DURING_SAVE": "4"})
     assert rc != 0
     ckpts = tmp_path / "run" / "checkpoints"

@@ -76,15 +76,12 @@ def depth_quality(
         ),
     }
     arch = source.replace(num_layers=source.num_layers - drop)
-    full = {
-        "heads": importance["heads"],
-        "neurons": importance["neurons"],
-        "channels": importance["channels"],
-    }
     out = {}
     for name, dropped in choices.items():
         layers = [i for i in range(source.num_layers) if i not in set(dropped)]
-        plan = select(source, arch, full["heads"], full["neurons"], full["channels"], layers)
+        plan = select(
+            source, arch, importance["heads"], importance["neurons"], importance["channels"], layers
+        )
         model = hf_model_from_state(arch, slice_state_dict(state, source, plan))
         out[name] = {"dropped": dropped, "loss": heldout_loss(model, heldout)}
     return out
