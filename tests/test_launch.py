@@ -75,3 +75,29 @@ def test_dockerfile_is_pinned_and_installs_the_package():
     for path in ("minitron_nemo", "recipes", "launch", "setup.py"):
         assert re.search(rf"^COPY .*\b{re.escape(path)}\b", text, re.M), path
     assert Path(REPO / "docker/README.md").is_file()
+
+
+@pytest.mark.dist
+def test_ranks_started_by_torchrun_launcher(tmp_path, monkeypatch):
+    """MINITRON_LAUNCHER=torchrun (the multi-node path, here on one node) converts at TP=2 like
+    the default spawned ranks do."""
+    import torch
+    from safetensors.torch import load_file
+
+    from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
+    from minitron_nemo.convert.mcore_to_hf import mcore_to_hf
+    from tests.helpers import make_tiny_hf
+
+    hf = make_tiny_hf("llama", tmp_path / "hf")
+    monkeypatch.setenv("MINITRON_LAUNCHER", "torchrun")
+    monkeypatch.setenv("MINITRON_JOB_DIR", str(tmp_path / "jobs"))
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    hf_to_mcore(hf, tmp_path / "mc", tp=2)
+    monkeypatch.delenv("MINITRON_LAUNCHER")
+    mcore_to_hf(tmp_path / "mc", tmp_path / "out")
+    before, after = (
+        load_file(hf / "model.safetensors"),
+        load_file(tmp_path / "out" / "model.safetensors"),
+    )
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not list((tmp_path / "jobs").iterdir())  # the job file is removed
