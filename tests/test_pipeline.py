@@ -102,3 +102,43 @@ def test_complete_stages_are_skipped_and_from_reruns(tiny_run):
     tiny_run.run(from_stage="prune", until="prune")
     assert splits.stat().st_mtime_ns == before[0]
     assert importance.stat().st_mtime_ns != before[1]
+
+
+def test_teacher_correction_stage_feeds_prune_and_distill(tmp_path):
+    """With teacher_correction enabled, the corrected teacher (LM-loss fine-tuned) is the one
+    pruned, distilled from, exported and evaluated."""
+    text = synthetic_text(300, seed=1)
+    (tmp_path / "corpus.txt").write_text(text)
+    make_tiny_teacher_with_tokenizer(tmp_path / "teacher_hf", text)
+    overrides = [
+        f"teacher={tmp_path / 'teacher_hf'}",
+        f"run_dir={tmp_path / 'run'}",
+        f"data.source={tmp_path / 'corpus.txt'}",
+        "data.seq_length=32",
+        "data.calibration_samples=8",
+        "data.heldout_samples=4",
+        "prune.ffn_hidden_size=64",
+        "prune.hidden_size=null",
+        "prune.depth_eval_samples=2",
+        "distill.steps=2",
+        "distill.global_batch_size=2",
+        "distill.micro_batch_size=2",
+        "distill.warmup_steps=1",
+        "scratch=false",
+        "teacher_correction.enabled=true",
+        "teacher_correction.steps=2",
+        "teacher_correction.warmup_steps=1",
+        "eval.tasks=[arc_easy]",
+        "eval.limit=2",
+    ]
+    pipeline = Pipeline(load_config(REPO / "recipes/smollm2_135m_cpu.yaml", overrides))
+    pipeline.run()
+    corrected = pipeline.stage_dir("correct") / "ckpt"
+    assert (corrected / "DONE").is_file() and pipeline.teacher_ckpt == corrected
+    report = json.loads((pipeline.stage_dir("prune") / "prune_report.json").read_text())
+    assert report["pruned_arch"]["ffn_hidden_size"] == 64
+    config = json.loads((pipeline.stage_dir("distill") / "distill_config.json").read_text())
+    assert config["mode"] == "distill"
+    results = json.loads((pipeline.stage_dir("eval") / "results.json").read_text())
+    assert set(results) == {"teacher", "teacher (corrected)", "pruned (no training)", "distilled"}
+    assert results["teacher (corrected)"]["heldout_loss"] != results["teacher"]["heldout_loss"]
