@@ -98,7 +98,7 @@ def _add_recipe_args(parser: argparse.ArgumentParser, positional: bool = True) -
         parser.add_argument("recipe", nargs="?", help="recipe YAML (default: the CPU SmolLM2 one)")
     else:
         parser.set_defaults(recipe=None)
-    parser.add_argument("--config", help="recipe YAML (same as the positional argument)")
+    parser.add_argument("--config", help="recipe YAML")
     parser.add_argument("--from", dest="from_stage", help="rerun from this stage on")
     parser.add_argument("overrides", nargs="*", default=[], help="dotted overrides key.sub=value")
 
