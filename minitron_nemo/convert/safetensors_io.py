@@ -66,9 +66,6 @@ class SafetensorsReader:
     def names(self) -> list[str]:
         return list(self.location)
 
-    def largest_file_bytes(self) -> int:
-        return max(p.stat().st_size for p in set(self.location.values()))
-
     def get(self, name: str) -> torch.Tensor:
         path = self.location[name]
         if path not in self._handles:

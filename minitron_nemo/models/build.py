@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import math
 
 import torch
 import torch.nn.functional as F
@@ -140,7 +139,3 @@ def _set_llama3_rope(model: GPTModel, arch: ModelArch) -> None:
         high_freq_factor=float(scaling["high_freq_factor"]),
         original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
     ).to(rope.inv_freq.device)
-
-
-def num_local_parameters(model: torch.nn.Module) -> int:
-    return sum(math.prod(p.shape) for p in model.parameters())

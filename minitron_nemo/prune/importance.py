@@ -90,10 +90,6 @@ class Importance:
     def to_state(self) -> dict:
         return dict(self.__dict__)
 
-    @classmethod
-    def from_state(cls, state: dict) -> Importance:
-        return cls(**state)
-
 
 class ImportanceCollector:
     """Registers the hooks on this rank's model shard and accumulates per-layer scores."""

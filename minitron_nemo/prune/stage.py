@@ -36,6 +36,7 @@ from minitron_nemo.prune.select import (
 )
 from minitron_nemo.prune.slice import slice_state_dict
 from minitron_nemo.report import plots
+from minitron_nemo.runtime.forward import lm_loss
 from minitron_nemo.runtime.launch import run_on_ranks
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def _calibrate_on_rank(
             imp_state = dict(previous or {})
         mbs = cfg.micro_batch_size
         if want_skip or block_sizes:
-            imp_state["base_loss"] = depth.lm_loss(model, depth_samples, arch.vocab_size, mbs)
+            imp_state["base_loss"] = lm_loss(model, depth_samples, arch.vocab_size, mbs)
         if want_skip:
             imp_state["layer_skip_loss"] = torch.tensor(
                 depth.layer_skip_losses(model, depth_samples, arch.num_layers, arch.vocab_size, mbs)
@@ -186,11 +187,12 @@ def run_prune(
                 f"{previous['aggregation']}, the recipe asks for seq={cfg.aggregation_seq}, "
                 f"batch={cfg.aggregation_batch}"
             )
-        need_block = n_drop > 0 and cfg.drop_layers is None and cfg.depth_method == "block"
+        # Block losses for k = n_drop: needed to choose by block, and (with depth_scores) for
+        # the report's block vs per-layer comparison; a reused importance file may have them.
+        choose_by_block = cfg.drop_layers is None and cfg.depth_method == "block"
         have_blocks = (previous or {}).get("block_loss") or {}
-        block_sizes = [n_drop] if need_block and n_drop not in have_blocks else []
-        if n_drop > 0 and cfg.depth_scores and n_drop not in have_blocks and not block_sizes:
-            block_sizes = [n_drop]  # the report compares block and per-layer selection
+        missing_block = n_drop > 0 and n_drop not in have_blocks
+        block_sizes = [n_drop] if missing_block and (choose_by_block or cfg.depth_scores) else []
         want_skip = (cfg.depth_scores or cfg.depth_method == "per_layer") and (
             previous is None or previous.get("layer_skip_loss") is None
         )

@@ -132,9 +132,3 @@ def _abort_process_group() -> None:
         distributed_c10d._abort_process_group()  # no public API for this in torch 2.14
     except Exception:  # noqa: BLE001 - best effort while already failing
         dist.destroy_process_group()
-
-
-def barrier() -> None:
-    """Barrier when a process group is up; nothing otherwise."""
-    if dist.is_initialized():
-        dist.barrier()
