@@ -18,6 +18,7 @@ setup(
         "pyyaml",
         "psutil",  # megatron dist-checkpoint save imports it without declaring it
         "tqdm",
+        "pyarrow",  # parquet input of `minitron data prepare`
         "matplotlib",
         "tensorboard",
     ],

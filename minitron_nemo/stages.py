@@ -1,7 +1,8 @@
 """`minitron run`: the whole chain as stages that each read and write one directory.
 
     teacher  -> HF teacher converted to megatron (run_dir/teacher)
-    data     -> tokenised, disjoint calibration / distillation / held-out samples
+    data     -> indexed datasets (text prepared with the teacher's tokenizer), megatron's
+                train / test sample indices built once; ranks read samples from them
     correct  -> (optional) teacher correction: the teacher fine-tuned with the LM loss
     prune    -> importance, pruned checkpoint, prune report and plots
     distill  -> the pruned student distilled from the teacher
@@ -18,11 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
-
-import torch
 
 from minitron_nemo import checkpoint
 from minitron_nemo.config import RunConfig, to_yaml
@@ -30,7 +30,8 @@ from minitron_nemo.errors import MinitronError
 
 log = logging.getLogger(__name__)
 STAGES = ("teacher", "data", "correct", "prune", "distill", "scratch", "export", "eval", "report")
-RESUMABLE = frozenset({"correct", "distill", "scratch"})  # training resumes from checkpoints
+# Kept on a rerun: training resumes from checkpoints, data reuses what it already tokenised.
+RESUMABLE = frozenset({"data", "correct", "distill", "scratch"})
 
 
 class Pipeline:
@@ -48,12 +49,20 @@ class Pipeline:
             return self.stage_dir("correct") / "ckpt"
         return self.stage_dir("teacher")
 
-    @property
-    def splits_path(self) -> Path:
-        return self.stage_dir("data") / "splits.pt"
+    def data_spec(self):
+        """What ranks read samples with (paths and numbers; see data/datasets.py)."""
+        from minitron_nemo.data.stage import load_spec
 
-    def splits(self) -> dict[str, torch.Tensor]:
-        return torch.load(self.splits_path)
+        record = json.loads((self.stage_dir("data") / "data.json").read_text())
+        return load_spec(record, self.dir)
+
+    def train_samples(self) -> int:
+        """Samples of the train split: enough for the longest training and for calibration."""
+        gbs = self.cfg.distill.global_batch_size
+        steps = [self.cfg.distill.steps]
+        if self.cfg.teacher_correction.enabled:
+            steps.append(self.cfg.teacher_correction.steps)
+        return max(max(steps) * gbs, self.cfg.data.calibration_samples)
 
     def enabled(self, stage: str) -> bool:
         if stage == "correct":
@@ -116,43 +125,18 @@ class Pipeline:
         hf_to_mcore(self.teacher_hf_dir(), out, tp=p.tp, pp=p.pp, dtype=self.cfg.dtype)
 
     def stage_data(self, out: Path) -> None:
-        from minitron_nemo.data.text import (
-            load_tokenizer,
-            make_samples,
-            split_samples,
-            token_stream,
-        )
+        from minitron_nemo.data.stage import run_data_stage
+        from minitron_nemo.models.arch import ModelArch
 
-        d = self.cfg.data
-        tokenizer = load_tokenizer(self.stage_dir("teacher") / "tokenizer")
-        stream = token_stream(d.source, tokenizer)
-        samples = make_samples(stream, d.seq_length)
-        splits = split_samples(
-            samples, d.heldout_samples, d.calibration_samples, d.distill_samples, d.seed
+        teacher = self.stage_dir("teacher")
+        run_data_stage(
+            self.cfg.data,
+            teacher / "tokenizer",
+            out,
+            self.dir,
+            ModelArch.load(teacher / "arch.yaml").vocab_size,
+            self.train_samples(),
         )
-        with checkpoint.atomic_directory(out) as tmp:
-            torch.save(
-                {
-                    "calibration": splits.calibration,
-                    "distill": splits.distill,
-                    "heldout": splits.heldout,
-                },
-                tmp / "splits.pt",
-            )
-            (tmp / "data.json").write_text(
-                json.dumps(
-                    {
-                        "source": d.source,
-                        "tokens": int(stream.numel()),
-                        "seq_length": d.seq_length,
-                        "samples": {
-                            k: int(getattr(splits, k).shape[0])
-                            for k in ("calibration", "distill", "heldout")
-                        },
-                    },
-                    indent=2,
-                )
-            )
 
     def _train(
         self,
@@ -173,7 +157,7 @@ class Pipeline:
             student,
             out,
             cfg,
-            self.splits()["distill"],
+            self.data_spec(),
             teacher,
             tp=p.tp,
             pp=p.pp,
@@ -201,9 +185,7 @@ class Pipeline:
         from minitron_nemo.prune.stage import run_prune
 
         p = self.cfg.parallel
-        run_prune(
-            self.teacher_ckpt, out, self.cfg.prune, self.splits()["calibration"], tp=p.tp, pp=p.pp
-        )
+        run_prune(self.teacher_ckpt, out, self.cfg.prune, self.data_spec(), tp=p.tp, pp=p.pp)
 
     def stage_distill(self, out: Path) -> None:
         final = self._train(self.stage_dir("prune") / "ckpt", out, "distill", self.teacher_ckpt)
@@ -239,21 +221,24 @@ class Pipeline:
     def stage_eval(self, out: Path) -> None:
         from transformers import AutoTokenizer
 
+        from minitron_nemo.data.datasets import heldout_indices, heldout_reader
         from minitron_nemo.eval.lm import heldout_loss, load_hf_model
         from minitron_nemo.eval.mc import load_task, score_questions
 
-        heldout = self.splits()["heldout"]
+        spec = self.data_spec()
+        reader = heldout_reader(spec)
         tasks = {t: load_task(t, self.cfg.eval.limit) for t in self.cfg.eval.tasks}
         results = {}
         for name, hf_dir in self.models_to_evaluate().items():
             start = time.time()
             model = load_hf_model(hf_dir)
             tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-            loss = heldout_loss(model, heldout, self.cfg.eval.heldout_batch_size)
+            batches = reader.batches(heldout_indices(spec), self.cfg.eval.heldout_batch_size)
+            loss = heldout_loss(model, batches)
             entry = {
                 "params": sum(p.numel() for p in model.parameters()),
                 "heldout_loss": loss,
-                "heldout_ppl": float(torch.tensor(loss).exp()),
+                "heldout_ppl": math.exp(loss),
                 "tasks": {t: score_questions(model, tokenizer, qs) for t, qs in tasks.items()},
             }
             entry["seconds"] = time.time() - start

@@ -168,3 +168,53 @@ def make_tiny_teacher_with_tokenizer(out: Path, text: str, seed: int = 0) -> Pat
         eos_token_id=tokenizer.eos_token_id,
     )
     return out
+
+
+def write_token_dataset(prefix: Path, documents: list[list[int]], vocab_size: int = VOCAB) -> str:
+    """A megatron indexed dataset holding exactly `documents` (no tokenizer involved)."""
+    import numpy
+
+    from minitron_nemo.data.indexed import IndexedWriter, token_dtype
+
+    writer = IndexedWriter(prefix, token_dtype(vocab_size))
+    lengths = numpy.array([len(d) for d in documents])
+    writer.add_documents(numpy.concatenate([numpy.asarray(d) for d in documents]), lengths)
+    writer.finalize()
+    return str(prefix)
+
+
+def random_documents(n: int, length: int, vocab_size: int = VOCAB, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab_size, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def token_data_spec(
+    root: Path,
+    documents: list[list[int]],
+    seq_length: int,
+    train_samples: int,
+    split: str = "1,0,0",
+    heldout_samples: int = 0,
+    calibration_samples: int = 1,
+    vocab_size: int = VOCAB,
+):
+    """Write `documents` as an indexed dataset under `root`, build megatron's indices and
+    return the DataSpec that ranks read it with."""
+    from minitron_nemo.data.datasets import DataSpec, build_indices
+
+    prefix = write_token_dataset(root / "tokens", documents, vocab_size)
+    spec = DataSpec(
+        prefixes=(prefix,),
+        weights=(1.0,),
+        split=split,
+        seq_length=seq_length,
+        seed=0,
+        cache_dir=str(root / "cache"),
+        vocab_size=vocab_size,
+        eod=vocab_size - 1,
+        train_samples=train_samples,
+        heldout_samples=heldout_samples,
+        calibration_samples=calibration_samples,
+    )
+    build_indices(spec)
+    return spec

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -19,9 +20,13 @@ from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
 from minitron_nemo.distill.train import latest_checkpoint, read_metrics, train
 from minitron_nemo.errors import MinitronError
 from minitron_nemo.runtime import distributed
-from tests.helpers import REPO, VOCAB, make_tiny_hf
-
-DATA = torch.randint(0, VOCAB, (40, 17), generator=torch.Generator().manual_seed(0))
+from tests.helpers import (
+    REPO,
+    VOCAB,
+    make_tiny_hf,
+    random_documents,
+    token_data_spec,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +36,16 @@ def models(tmp_path_factory):
     hf_to_mcore(root / "teacher_hf", root / "teacher")
     make_tiny_hf("llama", root / "student_hf", seed=2, intermediate_size=64, num_hidden_layers=2)
     hf_to_mcore(root / "student_hf", root / "student")
-    torch.save(DATA, root / "data.pt")
     return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """~46 samples of 17 tokens per epoch (30 random documents of 25 tokens), 64 samples."""
+    root = tmp_path_factory.mktemp("kd_data")
+    spec = token_data_spec(root, random_documents(30, 25), seq_length=16, train_samples=64)
+    (root / "spec.json").write_text(json.dumps(dataclasses.asdict(spec)))
+    return spec
 
 
 def _cfg(**overrides) -> DistillConfig:
@@ -62,30 +75,30 @@ def _losses(out: Path, key: str = "loss") -> list[float]:
     return [m[key] for m in read_metrics(out)]
 
 
-def test_kd_loss_goes_down_and_logs(models, tmp_path):
+def test_kd_loss_goes_down_and_logs(models, data, tmp_path):
     final = train(
         models / "student",
         tmp_path,
-        _cfg(steps=12, warmup_steps=2, save_every=6),
-        DATA,
+        _cfg(steps=16, warmup_steps=2, save_every=8),
+        data,
         models / "teacher",
     )
     losses = _losses(tmp_path)
-    assert len(losses) == 12
+    assert len(losses) == 16
     assert losses[-1] < 0.7 * losses[0], losses
     metrics = read_metrics(tmp_path)
     assert all({"loss_logits", "lr", "grad_norm", "tokens_per_s"} <= set(m) for m in metrics)
     assert metrics[0]["lr"] == pytest.approx(1.5e-3)  # warmup: lr / 2 on the first of 2 steps
     assert list((tmp_path / "tensorboard").glob("events.*"))
-    assert final.name == "step_000012" and (final / "arch.yaml").is_file()
+    assert final.name == "step_000016" and (final / "arch.yaml").is_file()
 
 
 @pytest.mark.dist
 @pytest.mark.parametrize("tp,pp,dp", [(2, 1, 1), (1, 2, 1), (1, 1, 2)], ids=["tp2", "pp2", "dp2"])
-def test_parallel_layouts_match_one_process(models, tmp_path, tp, pp, dp):
+def test_parallel_layouts_match_one_process(models, data, tmp_path, tp, pp, dp):
     cfg = _cfg(steps=3, save_every=3)
-    train(models / "student", tmp_path / "ref", cfg, DATA, models / "teacher")
-    train(models / "student", tmp_path / "par", cfg, DATA, models / "teacher", tp=tp, pp=pp, dp=dp)
+    train(models / "student", tmp_path / "ref", cfg, data, models / "teacher")
+    train(models / "student", tmp_path / "par", cfg, data, models / "teacher", tp=tp, pp=pp, dp=dp)
     ref, par = _losses(tmp_path / "ref"), _losses(tmp_path / "par")
     assert par == pytest.approx(ref, rel=1e-5, abs=1e-7)
     w_ref = _weights(tmp_path / "ref" / "checkpoints" / "step_000003")
@@ -98,11 +111,11 @@ def test_parallel_layouts_match_one_process(models, tmp_path, tp, pp, dp):
 
 
 @pytest.mark.dist
-def test_intermediate_loss_on_both_pipeline_stages(models, tmp_path):
+def test_intermediate_loss_on_both_pipeline_stages(models, data, tmp_path):
     """Pairs on stage 0 and stage 1 of PP=2 give the same losses as PP=1."""
     cfg = _cfg(steps=3, save_every=3, intermediate_pairs=[[0, 1], [1, 3]], lm_weight=0.5)
-    train(models / "student", tmp_path / "pp1", cfg, DATA, models / "teacher")
-    train(models / "student", tmp_path / "pp2", cfg, DATA, models / "teacher", pp=2)
+    train(models / "student", tmp_path / "pp1", cfg, data, models / "teacher")
+    train(models / "student", tmp_path / "pp2", cfg, data, models / "teacher", pp=2)
     for key in ("loss", "loss_logits", "loss_intermediate", "loss_lm"):
         assert _losses(tmp_path / "pp2", key) == pytest.approx(
             _losses(tmp_path / "pp1", key), rel=1e-5
@@ -110,14 +123,14 @@ def test_intermediate_loss_on_both_pipeline_stages(models, tmp_path):
     assert _losses(tmp_path / "pp1", "loss_intermediate")[0] > 0
 
 
-def _spec(models: Path, out: Path, cfg: DistillConfig) -> dict:
+def _spec(models: Path, data, out: Path, cfg: DistillConfig) -> dict:
     """What tests/scripts/run_train.py needs to run this training in a fresh process."""
     return {
         "student": str(models / "student"),
         "teacher": str(models / "teacher"),
         "out": str(out),
         "cfg": cfg.__dict__,
-        "data": str(models / "data.pt"),
+        "data": dataclasses.asdict(data),
     }
 
 
@@ -140,10 +153,10 @@ def _run_subprocess(spec: dict, path: Path, env: dict[str, str] | None = None) -
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_resume_after_sigkill_is_bitwise_identical(models, tmp_path):
+def test_resume_after_sigkill_is_bitwise_identical(models, data, tmp_path):
     cfg = _cfg(steps=6, save_every=2)
-    train(models / "student", tmp_path / "full", cfg, DATA, models / "teacher")
-    spec = _spec(models, tmp_path / "killed", cfg)
+    train(models / "student", tmp_path / "full", cfg, data, models / "teacher")
+    spec = _spec(models, data, tmp_path / "killed", cfg)
     rc = _run_subprocess(spec, tmp_path / "spec.json", {"MINITRON_TEST_KILL_AFTER_STEP": "3"})
     assert rc != 0  # killed
     assert latest_checkpoint(tmp_path / "killed" / "checkpoints").name == "step_000002"
@@ -154,16 +167,16 @@ def test_resume_after_sigkill_is_bitwise_identical(models, tmp_path):
     assert all(torch.equal(w_res[k], w_full[k]) for k in w_full)
 
 
-def test_half_written_checkpoint_is_never_picked_up(models, tmp_path):
+def test_half_written_checkpoint_is_never_picked_up(models, data, tmp_path):
     cfg = _cfg(steps=6, save_every=2)
-    spec = _spec(models, tmp_path / "run", cfg)
+    spec = _spec(models, data, tmp_path / "run", cfg)
     rc = _run_subprocess(spec, tmp_path / "spec.json", {"MINITRON_TEST_KILL_DURING_SAVE": "4"})
     assert rc != 0
     ckpts = tmp_path / "run" / "checkpoints"
     assert (ckpts / ".step_000004.incomplete").is_dir()  # the half-written one is there...
     assert latest_checkpoint(ckpts).name == "step_000002"  # ...and ignored
     assert _run_subprocess(spec, tmp_path / "spec.json") == 0
-    train(models / "student", tmp_path / "full", cfg, DATA, models / "teacher")
+    train(models / "student", tmp_path / "full", cfg, data, models / "teacher")
     w_full = _weights(tmp_path / "full" / "checkpoints" / "step_000006")
     w_res = _weights(ckpts / "step_000006")
     assert all(torch.equal(w_res[k], w_full[k]) for k in w_full)
@@ -171,17 +184,19 @@ def test_half_written_checkpoint_is_never_picked_up(models, tmp_path):
 
 def test_lm_mode_trains_without_teacher(models, tmp_path):
     """LM loss only (scratch baseline / teacher correction) learns a predictable sequence."""
-    counting = (torch.arange(17) + 3 * torch.arange(40)[:, None]) % VOCAB
+    counting = token_data_spec(
+        tmp_path / "data", [[i % VOCAB for i in range(700)]], seq_length=16, train_samples=32
+    )
     train(models / "student", tmp_path, _cfg(mode="lm", steps=8, save_every=8), counting)
     losses = _losses(tmp_path, "loss_lm")
     assert losses[-1] < losses[0]
 
 
-def test_refusals(models, tmp_path):
+def test_refusals(models, data, tmp_path):
     with pytest.raises(MinitronError, match=r"distill\.fp8 = 'hybrid' needs TransformerEngine"):
-        train(models / "student", tmp_path / "a", _cfg(fp8="hybrid"), DATA, models / "teacher")
+        train(models / "student", tmp_path / "a", _cfg(fp8="hybrid"), data, models / "teacher")
     with pytest.raises(MinitronError, match="teacher checkpoint is required"):
-        train(models / "student", tmp_path / "b", _cfg(), DATA, None)
+        train(models / "student", tmp_path / "b", _cfg(), data, None)
     with pytest.raises(
         MinitronError, match=r"student layer 0 on pipeline stage 0 and teacher layer 3"
     ):
@@ -189,7 +204,7 @@ def test_refusals(models, tmp_path):
             models / "student",
             tmp_path / "d",
             _cfg(intermediate_pairs=[[0, 3]]),
-            DATA,
+            data,
             models / "teacher",
             pp=2,
         )
@@ -198,8 +213,10 @@ def test_refusals(models, tmp_path):
             models / "student",
             tmp_path / "e",
             _cfg(intermediate_pairs=[[5, 1]]),
-            DATA,
+            data,
             models / "teacher",
         )
     with pytest.raises(MinitronError, match=r"distill\.kl: expected"):
-        train(models / "student", tmp_path / "c", _cfg(kl="js"), DATA, models / "teacher")
+        train(models / "student", tmp_path / "c", _cfg(kl="js"), data, models / "teacher")
+    with pytest.raises(MinitronError, match=r"need 80 samples; the train split was built for 64"):
+        train(models / "student", tmp_path / "f", _cfg(steps=20), data, models / "teacher")

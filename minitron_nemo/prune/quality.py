@@ -17,6 +17,10 @@ from minitron_nemo.prune.baselines import magnitude_scores, random_scores
 from minitron_nemo.prune.select import Targets, select, target_arch
 from minitron_nemo.prune.slice import slice_state_dict
 
+LEE_SPLIT = "90,0,10"
+"""Document split of the Lee corpus in studies and the default recipe: 10% of its 300
+documents (~7.5k tokens) give ~58 held-out samples of 129 tokens."""
+
 
 def hf_model_from_state(arch: ModelArch, state: dict[str, torch.Tensor]):
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -54,7 +58,7 @@ def width_quality(
     for name, scores in rankings.items():
         plan = select(source, arch, scores["heads"], scores["neurons"], scores["channels"], layers)
         model = hf_model_from_state(arch, slice_state_dict(state, source, plan))
-        out[name] = heldout_loss(model, heldout)
+        out[name] = heldout_loss(model, heldout.split(4))
     return out
 
 
@@ -83,7 +87,7 @@ def depth_quality(
             source, arch, importance["heads"], importance["neurons"], importance["channels"], layers
         )
         model = hf_model_from_state(arch, slice_state_dict(state, source, plan))
-        out[name] = {"dropped": dropped, "loss": heldout_loss(model, heldout)}
+        out[name] = {"dropped": dropped, "loss": heldout_loss(model, heldout.split(4))}
     return out
 
 
@@ -104,21 +108,30 @@ def smollm2_prune_quality(
     import tempfile
     import time
 
-    from minitron_nemo.config import PruneConfig
+    from minitron_nemo.config import DataConfig, PruneConfig
     from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
+    from minitron_nemo.data.datasets import heldout_indices, heldout_reader
     from minitron_nemo.data.sources import smollm2_hf_dir
-    from minitron_nemo.data.text import source_splits
+    from minitron_nemo.data.stage import prepare_data
     from minitron_nemo.eval.lm import load_hf_model
     from minitron_nemo.models.families import family_for_config
     from minitron_nemo.models.families.base import read_config
     from minitron_nemo.prune.stage import run_prune
 
     hf_dir = smollm2_hf_dir()
-    splits = source_splits("gensim:lee_background", hf_dir, seq, heldout, calib)
     raw = read_config(hf_dir)
     source = family_for_config(raw, "config.json").arch_from_config(raw, "config.json")
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
+        data = DataConfig(
+            source="gensim:lee_background",
+            split=LEE_SPLIT,
+            seq_length=seq,
+            calibration_samples=calib,
+            heldout_samples=heldout,
+        )
+        spec = prepare_data(data, hf_dir, tmp_path / "data", source.vocab_size, calib)
+        held = heldout_reader(spec).read(heldout_indices(spec))
         hf_to_mcore(hf_dir, tmp_path / "mc")
         cfg = PruneConfig(
             num_layers=source.num_layers - drop,
@@ -128,16 +141,16 @@ def smollm2_prune_quality(
             micro_batch_size=4,
         )
         start = time.time()
-        run_prune(tmp_path / "mc", tmp_path / "prune", cfg, splits.calibration)
+        run_prune(tmp_path / "mc", tmp_path / "prune", cfg, spec)
         seconds = time.time() - start
         imp = torch.load(tmp_path / "prune" / "importance.pt", weights_only=False)
     state = load_hf_state(hf_dir)
     return {
-        "teacher_loss": heldout_loss(load_hf_model(hf_dir), splits.heldout),
+        "teacher_loss": heldout_loss(load_hf_model(hf_dir), held.split(4)),
         "width": width_quality(
-            state, source, imp, PruneConfig(hidden_size=432, ffn_hidden_size=768), splits.heldout
+            state, source, imp, PruneConfig(hidden_size=432, ffn_hidden_size=768), held
         ),
-        "depth": depth_quality(state, source, imp, drop, splits.heldout),
+        "depth": depth_quality(state, source, imp, drop, held),
         "calibration_tokens_per_s": (calib - depth_samples) * seq / imp["calibration_seconds"],
         "prune_stage_seconds": seconds,
         "block_importance": [float(x) for x in imp["block_importance"]],

@@ -24,6 +24,7 @@ from minitron_nemo import checkpoint
 from minitron_nemo.config import PruneConfig
 from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
 from minitron_nemo.convert.mcore_to_hf import hf_state_dict_items, write_hf_dir
+from minitron_nemo.data.datasets import DataSpec, calibration_indices
 from minitron_nemo.errors import MinitronError
 from minitron_nemo.models.arch import ModelArch
 from minitron_nemo.prune import depth
@@ -61,8 +62,9 @@ def plan_architecture(
 
 def _calibrate_on_rank(
     ckpt: Path,
-    calib: torch.Tensor,
-    depth_samples: torch.Tensor,
+    data: DataSpec,
+    width_indices: list[int],
+    depth_indices: list[int],
     cfg: PruneConfig,
     tp: int,
     pp: int,
@@ -72,17 +74,20 @@ def _calibrate_on_rank(
     previous: dict | None,
     out_path: Path,
 ) -> None:
+    from minitron_nemo.data.datasets import train_reader
     from minitron_nemo.runtime import distributed
 
     with distributed.initialize(tp=tp, pp=pp) as ctx:
         model, arch = checkpoint.load_model(ckpt, use_te=False)
+        reader = train_reader(data)
         if want_width:
             start = time.time()
             imp = collect_importance(
                 model,
-                calib,
+                reader.batches(width_indices, cfg.micro_batch_size),
+                len(width_indices),
+                data.seq_length,
                 arch.num_layers,
-                cfg.micro_batch_size,
                 seq=cfg.aggregation_seq,
                 batch=cfg.aggregation_batch,
             )
@@ -91,6 +96,7 @@ def _calibrate_on_rank(
         else:
             imp_state = dict(previous or {})
         mbs = cfg.micro_batch_size
+        depth_samples = reader.read(depth_indices)  # a few samples, scored many times
         if want_skip or block_sizes:
             imp_state["base_loss"] = lm_loss(model, depth_samples, arch.vocab_size, mbs)
         if want_skip:
@@ -157,23 +163,25 @@ def run_prune(
     ckpt: Path,
     out: Path,
     cfg: PruneConfig,
-    calib: torch.Tensor,
+    data: DataSpec,
     tp: int = 1,
     pp: int = 1,
     force: bool = False,
 ) -> dict:
-    """Prune the checkpoint `ckpt` with calibration samples [n, s+1] into `out`."""
+    """Prune the checkpoint `ckpt` into `out`, calibrating on `data.calibration_samples`
+    random samples of the train split (the first `depth_eval_samples` of them score depth)."""
     checkpoint.require_checkpoint(ckpt)
     source = ModelArch.load(ckpt / "arch.yaml")
     source.check_parallel(tp, pp)
     arch, how = plan_architecture(source, cfg, tp, pp)
     n_drop = source.num_layers - arch.num_layers
-    if cfg.depth_eval_samples >= calib.shape[0]:
+    calib = calibration_indices(data)
+    if cfg.depth_eval_samples >= len(calib):
         raise MinitronError(
             f"prune.depth_eval_samples ({cfg.depth_eval_samples}) must be smaller than the "
-            f"calibration set ({calib.shape[0]} samples)"
+            f"calibration set (data.calibration_samples = {len(calib)})"
         )
-    depth_samples, width_samples = calib[: cfg.depth_eval_samples], calib[cfg.depth_eval_samples :]
+    depth_indices, width_indices = calib[: cfg.depth_eval_samples], calib[cfg.depth_eval_samples :]
     started = time.time()
     with checkpoint.atomic_directory(out, force=force) as tmp:
         imp_path = tmp / "importance.pt"
@@ -201,8 +209,9 @@ def run_prune(
                 _calibrate_on_rank,
                 tp * pp,
                 ckpt,
-                width_samples,
-                depth_samples,
+                data,
+                width_indices,
+                depth_indices,
                 cfg,
                 tp,
                 pp,

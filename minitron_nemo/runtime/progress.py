@@ -10,7 +10,9 @@ from tqdm import tqdm
 class Progress:
     """tqdm on rank 0 (units per second and ETA); silent elsewhere or when disabled."""
 
-    def __init__(self, total: int, desc: str, unit: str = "it", enabled: bool = True) -> None:
+    def __init__(
+        self, total: int | None, desc: str, unit: str = "it", enabled: bool = True
+    ) -> None:
         rank0 = int(os.environ.get("RANK", "0")) == 0
         self.bar = (
             tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True)

@@ -7,11 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 
 def main() -> None:
     from minitron_nemo.config import DistillConfig
+    from minitron_nemo.data.datasets import DataSpec
     from minitron_nemo.distill.train import train
 
     spec = json.loads(Path(sys.argv[1]).read_text())
@@ -19,7 +18,7 @@ def main() -> None:
         Path(spec["student"]),
         Path(spec["out"]),
         DistillConfig(**spec["cfg"]),
-        torch.load(spec["data"]),
+        DataSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["data"].items()}),
         Path(spec["teacher"]) if spec.get("teacher") else None,
         tp=spec.get("tp", 1),
         pp=spec.get("pp", 1),
