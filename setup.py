@@ -1,12 +1,21 @@
 """minitron-nemo: structured pruning + distillation of LLMs on megatron-core."""
 
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="minitron-nemo",
-    version="0.1.0",
+    version=re.search(
+        r'__version__ = "([^"]+)"',
+        (Path(__file__).parent / "minitron_nemo/__init__.py").read_text(),
+    ).group(1),
     description="Prune and distill LLMs the Minitron way on megatron-core (HF in, HF out).",
     packages=find_packages(include=["minitron_nemo", "minitron_nemo.*"]),
+    # The recipes ship with the package: `minitron run` without a recipe runs the default one
+    # after a plain wheel install; `recipes/` at the top of the tree is a link to them.
+    package_data={"minitron_nemo": ["recipes/*.yaml"]},
     python_requires=">=3.12",
     install_requires=[
         "torch>=2.6",

@@ -85,7 +85,8 @@ def main() -> None:
     from minitron_nemo.config import DistillConfig, PruneConfig
     from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
     from minitron_nemo.data.sources import smollm2_hf_dir
-    from minitron_nemo.distill.train import read_metrics, train
+    from minitron_nemo.distill.train import train
+    from minitron_nemo.metrics import read_metrics
     from minitron_nemo.models.arch import ModelArch
     from minitron_nemo.prune.stage import run_prune
 

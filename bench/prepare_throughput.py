@@ -96,7 +96,8 @@ def main() -> None:
         print(
             f"| {r['input_mb']:.0f} | {r['workers']} | {r['documents']:,} | {r['tokens']:,} | "
             f"{r['seconds']:.1f} | {r['tokens_per_s']:,.0f} | {r['mb_per_s']:.2f} | "
-            f"{r['main_peak_rss_mb']:.0f} | {r['worker_peak_rss_mb']:.0f} |"
+            f"{r['main_peak_rss_mb']:.0f} | "
+            + (f"{r['worker_peak_rss_mb']:.0f} |" if r["workers"] > 1 else "- |")
         )
 
 

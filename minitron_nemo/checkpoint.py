@@ -14,20 +14,17 @@ Every directory is built under a hidden `.NAME.incomplete` sibling and renamed i
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from minitron_nemo.atomic import DONE, is_complete
 from minitron_nemo.errors import MinitronError
 from minitron_nemo.models.arch import ModelArch
 
-DONE = "DONE"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -40,39 +37,6 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-
-
-def is_complete(path: Path) -> bool:
-    return (path / DONE).is_file()
-
-
-def incomplete_path(out: Path) -> Path:
-    return out.parent / f".{out.name}.incomplete"
-
-
-@contextlib.contextmanager
-def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `out` (with DONE) only if the block succeeds."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise MinitronError(f"{out}: already exists (remove it or pass --force to replace it)")
-    tmp = incomplete_path(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    (tmp / DONE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
 
 
 def require_checkpoint(path: Path) -> None:

@@ -1,4 +1,7 @@
-"""`minitron` command line: convert, prune, distill, run, validate, data, fetch."""
+"""`minitron` command line: run, prune, distill, status, validate, recipes, convert, data, fetch.
+
+Imports here are light (no torch / megatron / transformers at module level): each command
+imports what it needs, so `minitron validate` and `minitron status` answer quickly."""
 
 from __future__ import annotations
 
@@ -57,20 +60,19 @@ def _cmd_fetch(args: argparse.Namespace) -> None:
     print(smollm2_hf_dir())
 
 
-DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_135m_cpu.yaml"
+def _recipe(args: argparse.Namespace) -> Path:
+    from minitron_nemo.packaged import resolve_recipe
 
-
-def _recipe(args: argparse.Namespace) -> Path | None:
-    recipe = args.recipe or args.config
-    if recipe is None and DEFAULT_RECIPE.is_file():
-        return DEFAULT_RECIPE
-    return Path(recipe) if recipe else None
+    return resolve_recipe(args.recipe or args.config)
 
 
 def _pipeline(args: argparse.Namespace):
     from minitron_nemo.config import load_config
     from minitron_nemo.stages import Pipeline
 
+    if args.recipe and "=" in args.recipe:  # `minitron run key=value`: no recipe given
+        args.overrides.insert(0, args.recipe)
+        args.recipe = None
     return Pipeline(load_config(_recipe(args), args.overrides))
 
 
@@ -92,16 +94,41 @@ def _cmd_distill(args: argparse.Namespace) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> None:
+    from minitron_nemo.packaged import resolve_recipe
     from minitron_nemo.validate import validate_recipe
 
-    for recipe in args.recipes:
-        validate_recipe(Path(recipe), args.overrides)
-        print(f"ok: {recipe}")
+    recipes = [a for a in args.args if "=" not in a] or [None]
+    overrides = [a for a in args.args if "=" in a]
+    for recipe in recipes:
+        path = resolve_recipe(recipe)
+        validate_recipe(path, overrides)
+        print(f"ok: {path}")
+
+
+def _cmd_recipes(args: argparse.Namespace) -> None:
+    from minitron_nemo.packaged import DEFAULT, list_recipes, recipe_dir
+
+    rows = list_recipes()
+    width = max(len(name) for name, _ in rows)
+    for name, purpose in rows:
+        mark = "*" if name == DEFAULT else " "
+        print(f"{mark} {name:<{width}}  {purpose}")
+    print(f"(* = default; files in {recipe_dir()})")
+
+
+def _cmd_status(args: argparse.Namespace) -> None:
+    from minitron_nemo.status import format_status, run_status
+
+    print(format_status(run_status(args.run_dir)))
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser, positional: bool = True) -> None:
     if positional:
-        parser.add_argument("recipe", nargs="?", help="recipe YAML (default: the CPU SmolLM2 one)")
+        parser.add_argument(
+            "recipe",
+            nargs="?",
+            help="recipe YAML or packaged recipe name (default: smollm2_135m_cpu)",
+        )
     else:
         parser.set_defaults(recipe=None)
     parser.add_argument("--config", help="recipe YAML")
@@ -142,10 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     distill = sub.add_parser("distill", help="run the chain up to the distill stage (resumes)")
     _add_recipe_args(distill, positional=False)
     distill.set_defaults(func=_cmd_distill)
-    validate = sub.add_parser("validate", help="check recipes without running them")
-    validate.add_argument("recipes", nargs="+", help="recipe YAML files")
-    validate.add_argument("--override", dest="overrides", action="append", default=[])
+    validate = sub.add_parser(
+        "validate", help="check recipes (and key=value overrides) without running anything"
+    )
+    validate.add_argument(
+        "args", nargs="*", help="recipe files or packaged recipe names, then key=value overrides"
+    )
     validate.set_defaults(func=_cmd_validate)
+    recipes = sub.add_parser("recipes", help="list the packaged recipes with their purpose")
+    recipes.set_defaults(func=_cmd_recipes)
+    status = sub.add_parser(
+        "status", help="each stage of a run: complete / stale (why) / missing, time, numbers"
+    )
+    status.add_argument("run_dir", type=Path, help="the run directory")
+    status.set_defaults(func=_cmd_status)
 
     data = sub.add_parser("data", help="data preparation")
     data_sub = data.add_subparsers(dest="data_command", required=True)

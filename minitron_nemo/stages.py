@@ -11,8 +11,12 @@
     eval     -> held-out loss / perplexity and multiple-choice accuracy of every model
     report   -> report.md (table) + PNGs
 
-A stage is skipped when its directory is complete (DONE marker); `--from STAGE` reruns it and
-all later ones.
+Each stage records what it consumed (`stage.json`: the config fields it reads, the fingerprints
+of the stages it reads from, the package version; see fingerprint.py). A complete stage (DONE
+marker) with the same fingerprint is skipped; one whose fingerprint changed reruns, and so does
+everything downstream, with one log line naming what changed. An interrupted training stage
+resumes from its checkpoints when its fingerprint is unchanged. `--from STAGE` forces STAGE and
+all later ones. Paths inside the run directory are relative to it, so it can be moved.
 """
 
 from __future__ import annotations
@@ -24,14 +28,24 @@ import shutil
 import time
 from pathlib import Path
 
-from minitron_nemo import checkpoint
+from minitron_nemo import atomic
 from minitron_nemo.config import RunConfig, to_yaml
 from minitron_nemo.errors import MinitronError
+from minitron_nemo.fingerprint import Fingerprint, changes, fingerprints
 
 log = logging.getLogger(__name__)
 STAGES = ("teacher", "data", "correct", "prune", "distill", "scratch", "export", "eval", "report")
-# Kept on a rerun: training resumes from checkpoints, data reuses what it already tokenised.
-RESUMABLE = frozenset({"data", "correct", "distill", "scratch"})
+RESUMABLE = frozenset({"correct", "distill", "scratch"})
+"""Interrupted with an unchanged fingerprint: resume from the last complete checkpoint."""
+KEPT_WHEN_STALE = frozenset({"data"})
+"""Not wiped when stale: the data stage reuses datasets it already tokenised (their PREFIX.json
+names source and tokenizer) and rebuilds everything else."""
+RECORD = "stage.json"
+
+
+def read_record(stage_dir: Path) -> dict | None:
+    path = stage_dir / RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 class Pipeline:
@@ -46,7 +60,7 @@ class Pipeline:
     @property
     def teacher_ckpt(self) -> Path:
         if self.cfg.teacher_correction.enabled:
-            return self.stage_dir("correct") / "ckpt"
+            return self.final_checkpoint("correct")
         return self.stage_dir("teacher")
 
     def data_spec(self):
@@ -56,14 +70,6 @@ class Pipeline:
         record = json.loads((self.stage_dir("data") / "data.json").read_text())
         return load_spec(record, self.dir)
 
-    def train_samples(self) -> int:
-        """Samples of the train split: enough for the longest training and for calibration."""
-        gbs = self.cfg.distill.global_batch_size
-        steps = [self.cfg.distill.steps]
-        if self.cfg.teacher_correction.enabled:
-            steps.append(self.cfg.teacher_correction.steps)
-        return max(max(steps) * gbs, self.cfg.data.calibration_samples)
-
     def enabled(self, stage: str) -> bool:
         if stage == "correct":
             return self.cfg.teacher_correction.enabled
@@ -71,44 +77,79 @@ class Pipeline:
             return self.cfg.scratch
         return True
 
+    def fingerprints(self) -> dict[str, Fingerprint]:
+        return fingerprints(self.cfg, {s: self.enabled(s) for s in STAGES})
+
+    def plan(self, from_stage: str | None = None) -> dict[str, tuple[str, str]]:
+        """stage -> (action, why): skip | run | rerun | resume, for every enabled stage."""
+        plan: dict[str, tuple[str, str]] = {}
+        forced = False
+        for stage, fp in self.fingerprints().items():
+            forced = forced or stage == from_stage
+            out = self.stage_dir(stage)
+            record = read_record(out)
+            same = record is not None and record.get("digest") == fp.digest
+            if forced:
+                plan[stage] = ("rerun", "--from")
+            elif atomic.is_complete(out) and same:
+                plan[stage] = ("skip", "complete")
+            elif record is None and atomic.is_complete(out):
+                plan[stage] = ("rerun", "no record of what it was made from")
+            elif record is not None and not same:
+                fields, upstream = changes(record, fp)
+                why = ", ".join(fields) or (
+                    f"upstream {', '.join(upstream)} changed" if upstream else "fingerprint changed"
+                )
+                plan[stage] = ("rerun", why)
+            elif record is not None and stage in RESUMABLE:
+                plan[stage] = ("resume", "interrupted, same fingerprint")
+            else:
+                plan[stage] = ("run", "missing")
+        return plan
+
     # -- running -----------------------------------------------------------------------
     def run(self, from_stage: str | None = None, until: str | None = None) -> None:
-        """Run every enabled stage in order (skipping complete ones) up to `until`."""
+        """Run every enabled stage in order up to `until` (see the module docstring)."""
         for name, value in (("--from", from_stage), ("until", until)):
             if value is not None and value not in STAGES:
                 raise MinitronError(f"{name}: expected one of {STAGES}, got {value!r}")
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "config.yaml").write_text(to_yaml(self.cfg))
         log.info("run directory %s; resolved config:\n%s", self.dir, to_yaml(self.cfg))
-        rerun = False
+        prints = self.fingerprints()
+        plan = self.plan(from_stage)
+        stages = list(plan)  # enabled stages in order
+        for i, stage in enumerate(stages):
+            action, why = plan[stage]
+            if action == "rerun" and why != "--from" and not why.startswith("upstream"):
+                later = sum(plan[s][0] != "skip" for s in stages[i + 1 :])
+                log.info("%s: %s, rerunning %s and %d later stages", stage, why, stage, later)
         last = STAGES.index(until) if until else len(STAGES) - 1
-        for stage in STAGES[: last + 1]:
-            rerun = rerun or stage == from_stage
-            if not self.enabled(stage):
-                continue
+        order = [s for s in stages if STAGES.index(s) <= last]
+        for stage in order:
+            action, why = plan[stage]
             out = self.stage_dir(stage)
-            if checkpoint.is_complete(out) and not rerun:
+            if action == "skip":
                 log.info("stage %s: complete, skipped (%s)", stage, out)
                 continue
-            if out.exists() and (stage not in RESUMABLE or rerun):
-                shutil.rmtree(out)
-            log.info("stage %s: running", stage)
+            if action in ("rerun", "run") and out.exists():
+                if stage in KEPT_WHEN_STALE and why != "--from":
+                    (out / atomic.DONE).unlink(missing_ok=True)
+                else:
+                    shutil.rmtree(out)
+            record = prints[stage].record()
+            if stage in RESUMABLE or stage in KEPT_WHEN_STALE:  # lets a restart resume
+                out.mkdir(parents=True, exist_ok=True)
+                (out / RECORD).write_text(json.dumps(record, indent=2))
+            verb = "resuming" if action == "resume" else "running"
+            log.info("stage %s: %s (%s)", stage, verb, why)
             start = time.time()
             getattr(self, f"stage_{stage}")(out)
-            seconds = time.time() - start
-            if not checkpoint.is_complete(out):
-                out.mkdir(parents=True, exist_ok=True)
-                (out / checkpoint.DONE).write_text("ok\n")
-            (out / "stage.json").write_text(json.dumps({"stage": stage, "seconds": seconds}))
-            log.info("stage %s: done in %.1f s", stage, seconds)
-
-    def stage_seconds(self) -> dict[str, float]:
-        out = {}
-        for stage in STAGES:
-            path = self.stage_dir(stage) / "stage.json"
-            if path.is_file():
-                out[stage] = json.loads(path.read_text())["seconds"]
-        return out
+            record["seconds"] = time.time() - start
+            out.mkdir(parents=True, exist_ok=True)
+            (out / RECORD).write_text(json.dumps(record, indent=2))
+            (out / atomic.DONE).write_text("ok\n")
+            log.info("stage %s: done in %.1f s", stage, record["seconds"])
 
     # -- stages ------------------------------------------------------------------------
     def teacher_hf_dir(self) -> Path:
@@ -135,7 +176,6 @@ class Pipeline:
             out,
             self.dir,
             ModelArch.load(teacher / "arch.yaml").vocab_size,
-            self.train_samples(),
         )
 
     def _train(
@@ -179,7 +219,7 @@ class Pipeline:
             warmup_steps=tc.warmup_steps,
             save_every=tc.steps,
         )
-        shutil.copytree(final, out / "ckpt")
+        self._point_at(out, final)
 
     def stage_prune(self, out: Path) -> None:
         from minitron_nemo.prune.stage import run_prune
@@ -189,14 +229,18 @@ class Pipeline:
 
     def stage_distill(self, out: Path) -> None:
         final = self._train(self.stage_dir("prune") / "ckpt", out, "distill", self.teacher_ckpt)
-        (out / "final.txt").write_text(str(final))
+        self._point_at(out, final)
 
     def stage_scratch(self, out: Path) -> None:
         final = self._train(self.stage_dir("prune") / "ckpt", out, "lm", None, init_random=True)
-        (out / "final.txt").write_text(str(final))
+        self._point_at(out, final)
+
+    def _point_at(self, out: Path, final: Path) -> None:
+        """Record the stage's final checkpoint relative to the run directory (no copy)."""
+        (out / "final.txt").write_text(str(final.resolve().relative_to(self.dir.resolve())))
 
     def final_checkpoint(self, stage: str) -> Path:
-        return Path((self.stage_dir(stage) / "final.txt").read_text().strip())
+        return self.dir / (self.stage_dir(stage) / "final.txt").read_text().strip()
 
     def stage_export(self, out: Path) -> None:
         from minitron_nemo.convert.mcore_to_hf import mcore_to_hf
@@ -221,11 +265,12 @@ class Pipeline:
     def stage_eval(self, out: Path) -> None:
         from transformers import AutoTokenizer
 
-        from minitron_nemo.data.datasets import heldout_indices, heldout_reader
+        from minitron_nemo.data.datasets import build_indices, heldout_indices, heldout_reader
         from minitron_nemo.eval.lm import heldout_loss, load_hf_model
         from minitron_nemo.eval.mc import load_task, score_questions
 
         spec = self.data_spec()
+        build_indices(spec, ("test",))  # a no-op after the data stage
         reader = heldout_reader(spec)
         tasks = {t: load_task(t, self.cfg.eval.limit) for t in self.cfg.eval.tasks}
         results = {}
@@ -249,12 +294,12 @@ class Pipeline:
                 loss,
                 {t: r["acc"] for t, r in entry["tasks"].items()},
             )
-        with checkpoint.atomic_directory(out) as tmp:
+        with atomic.atomic_directory(out) as tmp:
             (tmp / "results.json").write_text(json.dumps(results, indent=2))
 
     def stage_report(self, out: Path) -> None:
         from minitron_nemo.report.run_report import write_report
 
-        with checkpoint.atomic_directory(out) as tmp:
-            table = write_report(self, tmp)
+        with atomic.atomic_directory(out) as tmp:
+            table = write_report(self.dir, tmp)
         print(table)

@@ -192,14 +192,14 @@ def token_data_spec(
     root: Path,
     documents: list[list[int]],
     seq_length: int,
-    train_samples: int,
+    train_samples: int = 0,
     split: str = "1,0,0",
     heldout_samples: int = 0,
     calibration_samples: int = 1,
     vocab_size: int = VOCAB,
 ):
-    """Write `documents` as an indexed dataset under `root`, build megatron's indices and
-    return the DataSpec that ranks read it with."""
+    """Write `documents` as an indexed dataset under `root`, build megatron's indices of every
+    view with samples and return the DataSpec that ranks read it with."""
     from minitron_nemo.data.datasets import DataSpec, build_indices
 
     prefix = write_token_dataset(root / "tokens", documents, vocab_size)
@@ -216,5 +216,5 @@ def token_data_spec(
         heldout_samples=heldout_samples,
         calibration_samples=calibration_samples,
     )
-    build_indices(spec)
+    build_indices(spec, ("train", "calibration", "test"))
     return spec

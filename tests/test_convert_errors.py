@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from minitron_nemo.checkpoint import incomplete_path
+from minitron_nemo.atomic import incomplete_path
 from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
 from minitron_nemo.convert.mcore_to_hf import mcore_to_hf
 from minitron_nemo.errors import MinitronError

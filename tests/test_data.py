@@ -15,6 +15,7 @@ from minitron_nemo.data.datasets import (
     DataSpec,
     build_indices,
     calibration_indices,
+    calibration_reader,
     document_range,
     heldout_indices,
     heldout_reader,
@@ -127,25 +128,30 @@ def _doc_ids(samples) -> set[int]:
 def test_splits_share_no_document_and_heldout_never_meets_training(tmp_path):
     prefix = write_token_dataset(tmp_path / "docs", _documents(1, 200, 23), vocab_size=5000)
     spec = _spec(tmp_path, [prefix], [1.0])
-    counts = build_indices(spec)
-    train, test = train_reader(spec), heldout_reader(spec)
-    assert counts == {"train": len(train), "test": len(test)}
+    counts = build_indices(spec, ("train", "calibration", "test"))
+    train, calib, test = train_reader(spec), calibration_reader(spec), heldout_reader(spec)
+    assert counts == {"train": len(train), "calibration": len(calib), "test": len(test)}
     train_docs = _doc_ids(train.read(range(len(train))))
-    test_docs = _doc_ids(heldout_reader(spec).read(range(len(test))))
+    test_docs = _doc_ids(test.read(range(len(test))))
     assert not train_docs & test_docs
     begin, end = document_range(200, "90,0,10", "test")
     assert test_docs <= {i + 1 for i in range(begin, end)} and (begin, end) == (180, 200)
-    calibration = _doc_ids(train.read(calibration_indices(spec)))
+    calibration = _doc_ids(calib.read(calibration_indices(spec)))
     heldout = _doc_ids(test.read(heldout_indices(spec)))
     assert calibration <= train_docs and not heldout & (calibration | train_docs)
-    assert len(set(calibration_indices(spec))) == spec.calibration_samples
+    # Calibration samples do not depend on how long the training is.
+    longer = dataclasses.replace(spec, train_samples=5000)
+    build_indices(longer, ("train", "calibration"))
+    again = calibration_reader(longer).read(calibration_indices(longer))
+    assert again.equal(calib.read(calibration_indices(spec)))
+    assert not train_reader(longer).read(range(8)).equal(train.read(range(8)))
 
 
 def test_blend_proportions_follow_the_weights(tmp_path):
     a = write_token_dataset(tmp_path / "a", _documents(1, 300, 40), vocab_size=5000)
     b = write_token_dataset(tmp_path / "b", _documents(1001, 100, 40), vocab_size=5000)
     spec = _spec(tmp_path, [a, b], [0.7, 0.3], train_samples=10_000)
-    build_indices(spec)
+    build_indices(spec, ("train",))
     reader = train_reader(spec)
     ids = numpy.array([reader.dataset[i]["dataset_id"] for i in range(10_000)])
     share = numpy.bincount(ids, minlength=2) / ids.size
@@ -169,15 +175,15 @@ def test_sampler_is_keyed_on_consumed_samples_at_any_dp_size():
 def test_indices_are_cached_and_published_atomically(tmp_path):
     prefix = write_token_dataset(tmp_path / "docs", _documents(1, 50, 30), vocab_size=5000)
     spec = _spec(tmp_path, [prefix], [1.0], heldout_samples=4)
-    build_indices(spec)
+    counts = build_indices(spec)  # the data stage's views: calibration and test
     cache = tmp_path / "cache"
     files = sorted(p.name for p in cache.iterdir())
     assert not [f for f in files if f.startswith(".build")]
-    assert sum(f.endswith("description.txt") for f in files) == 2  # train and test
+    assert sum(f.endswith("description.txt") for f in files) == 2
     mtimes = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
-    reader = train_reader(spec)  # a cache hit: nothing is rebuilt
-    known = {"train": len(reader), "test": len(heldout_reader(spec))}
-    assert build_indices(spec) == known  # built before: returns at once
+    reader = calibration_reader(spec)  # a cache hit: nothing is rebuilt
+    assert counts == {"calibration": len(reader), "test": len(heldout_reader(spec))}
+    assert build_indices(spec) == counts  # built before: returns at once
     assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == mtimes
     assert reader.read([0, 1]).shape == (2, 16)
 

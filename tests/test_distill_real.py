@@ -23,8 +23,9 @@ def test_distillation_recovers_and_beats_lm_only(tmp_path):
     from minitron_nemo.data.datasets import heldout_indices, heldout_reader
     from minitron_nemo.data.sources import smollm2_hf_dir
     from minitron_nemo.data.stage import prepare_data
-    from minitron_nemo.distill.train import read_metrics, train
+    from minitron_nemo.distill.train import train
     from minitron_nemo.eval.lm import heldout_loss, load_hf_model
+    from minitron_nemo.metrics import read_metrics
     from minitron_nemo.prune.quality import LEE_SPLIT
     from minitron_nemo.prune.stage import run_prune
 
@@ -36,7 +37,7 @@ def test_distillation_recovers_and_beats_lm_only(tmp_path):
         heldout_samples=16,
         calibration_samples=20,
     )
-    data = prepare_data(data_cfg, hf_dir, tmp_path / "data", 49152, train_samples=32 * 8)
+    data = prepare_data(data_cfg, hf_dir, tmp_path / "data", 49152)
     heldout = heldout_reader(data).read(heldout_indices(data))
     hf_to_mcore(hf_dir, tmp_path / "teacher")
     run_prune(

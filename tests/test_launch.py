@@ -13,7 +13,7 @@ from minitron_nemo.errors import MinitronError
 from minitron_nemo.validate import validate_recipe
 from tests.helpers import REPO
 
-RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+RECIPES = sorted((REPO / "minitron_nemo" / "recipes").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
@@ -72,8 +72,9 @@ def test_dockerfile_is_pinned_and_installs_the_package():
     text = "\n".join(instructions)
     assert "megatron-core==0.19.2" in text
     assert re.search(r"pip install [^\n]*-e \.", text)
-    for path in ("minitron_nemo", "recipes", "launch", "setup.py"):
+    for path in ("minitron_nemo", "launch", "setup.py"):  # recipes are package data
         assert re.search(rf"^COPY .*\b{re.escape(path)}\b", text, re.M), path
+    assert '"recipes/*.yaml"' in (REPO / "setup.py").read_text()
     assert Path(REPO / "docker/README.md").is_file()
 
 

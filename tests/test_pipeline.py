@@ -4,24 +4,21 @@ exported HF model, stage skipping and --from."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from minitron_nemo.config import load_config
+from minitron_nemo.metrics import read_metrics
 from minitron_nemo.stages import Pipeline
 from tests.helpers import REPO, make_tiny_teacher_with_tokenizer, synthetic_text
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    text = synthetic_text()
-    (root / "corpus.txt").write_text(text)
-    make_tiny_teacher_with_tokenizer(root / "teacher_hf", text)
-    overrides = [
+def tiny_overrides(root: Path, run_dir: Path) -> list[str]:
+    return [
         f"teacher={root / 'teacher_hf'}",
-        f"run_dir={root / 'run'}",
+        f"run_dir={run_dir}",
         f"data.source={root / 'corpus.txt'}",
         "data.seq_length=32",
         "data.calibration_samples=12",
@@ -41,10 +38,29 @@ def tiny_run(tmp_path_factory):
         "eval.tasks=[arc_easy]",
         "eval.limit=3",
     ]
-    cfg = load_config(REPO / "recipes/smollm2_135m_cpu.yaml", overrides)
-    pipeline = Pipeline(cfg)
+
+
+def tiny_pipeline(root: Path, run_dir: Path, *extra: str) -> Pipeline:
+    overrides = tiny_overrides(root, run_dir) + list(extra)
+    return Pipeline(load_config(REPO / "recipes/smollm2_135m_cpu.yaml", overrides))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    text = synthetic_text()
+    (root / "corpus.txt").write_text(text)
+    make_tiny_teacher_with_tokenizer(root / "teacher_hf", text)
+    pipeline = tiny_pipeline(root, root / "run")
     pipeline.run()
+    pipeline.root = root
     return pipeline
+
+
+def copy_of(tiny_run, dest: Path) -> Path:
+    """A copy of the complete tiny run (tests that change it work on their own copy)."""
+    shutil.copytree(tiny_run.dir, dest, symlinks=True)
+    return dest
 
 
 def test_every_stage_wrote_its_output(tiny_run):
@@ -71,8 +87,9 @@ def test_every_stage_wrote_its_output(tiny_run):
     (dataset,) = data["datasets"]
     assert dataset["prepared"] and not Path(dataset["prefix"]).is_absolute()
     assert (d / dataset["prefix"]).with_suffix(".bin").is_file()
-    assert data["train_samples"] == 6 * 4 and data["split_samples"]["test"] >= 6
-    assert len(list((d / "data" / "cache").glob("*description.txt"))) == 2
+    assert data["view_samples"]["test"] >= 6 and data["view_samples"]["calibration"] >= 12
+    # calibration + test (data stage), train views of distill and scratch (same length: shared)
+    assert len(list((d / "data" / "cache").glob("*description.txt"))) == 3
 
 
 def test_report_has_the_table_and_plots(tiny_run):
@@ -98,15 +115,86 @@ def test_exported_student_loads_with_transformers(tiny_run):
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
 
 
-def test_complete_stages_are_skipped_and_from_reruns(tiny_run):
-    splits = tiny_run.dir / "data" / "data.json"
-    importance = tiny_run.dir / "prune" / "importance.pt"
-    before = splits.stat().st_mtime_ns, importance.stat().st_mtime_ns
-    tiny_run.run(until="prune")
-    assert (splits.stat().st_mtime_ns, importance.stat().st_mtime_ns) == before
-    tiny_run.run(from_stage="prune", until="prune")
-    assert splits.stat().st_mtime_ns == before[0]
-    assert importance.stat().st_mtime_ns != before[1]
+def _mtimes(run_dir: Path) -> dict[str, int]:
+    return {
+        stage: (run_dir / stage / "stage.json").stat().st_mtime_ns
+        for stage in ("teacher", "data", "prune", "distill", "scratch", "export", "eval", "report")
+    }
+
+
+def test_complete_stages_are_skipped_and_from_reruns(tiny_run, tmp_path):
+    run_dir = copy_of(tiny_run, tmp_path / "run")
+    pipeline = tiny_pipeline(tiny_run.root, run_dir)
+    before = _mtimes(run_dir)
+    pipeline.run()
+    assert _mtimes(run_dir) == before  # nothing changed: everything skipped
+    pipeline.run(from_stage="prune", until="prune")
+    after = _mtimes(run_dir)
+    assert after["data"] == before["data"] and after["prune"] != before["prune"]
+
+
+def test_changing_eval_reruns_only_eval_and_report(tiny_run, tmp_path):
+    run_dir = copy_of(tiny_run, tmp_path / "run")
+    pipeline = tiny_pipeline(tiny_run.root, run_dir, "eval.limit=2")
+    plan = pipeline.plan()
+    assert {s for s, (action, _) in plan.items() if action != "skip"} == {"eval", "report"}
+    assert plan["eval"][1] == "eval.limit 3 -> 2"
+    before = _mtimes(run_dir)
+    pipeline.run()
+    after = _mtimes(run_dir)
+    assert {s for s in before if before[s] != after[s]} == {"eval", "report"}
+
+
+def test_changing_a_prune_target_reruns_prune_and_everything_after(tiny_run, tmp_path, caplog):
+    run_dir = copy_of(tiny_run, tmp_path / "run")
+    pipeline = tiny_pipeline(tiny_run.root, run_dir, "prune.ffn_hidden_size=48")
+    before = _mtimes(run_dir)
+    with caplog.at_level("INFO", logger="minitron_nemo.stages"):
+        pipeline.run(until="prune")
+    assert (
+        "prune: prune.ffn_hidden_size 64 -> 48, rerunning prune and 5 later stages" in caplog.text
+    )
+    after = _mtimes(run_dir)
+    assert after["teacher"] == before["teacher"] and after["data"] == before["data"]
+    assert after["prune"] != before["prune"]
+    report = json.loads((run_dir / "prune" / "prune_report.json").read_text())
+    assert report["pruned_arch"]["ffn_hidden_size"] == 48
+    # What is downstream of the new prune is stale, and `minitron status` says why.
+    from minitron_nemo.status import run_status
+
+    rows = {row["stage"]: row for row in run_status(run_dir)}
+    assert rows["prune"]["state"] == "complete" and rows["data"]["state"] == "complete"
+    for stage in ("distill", "scratch", "export", "eval", "report"):
+        assert rows[stage]["state"] == "stale", rows[stage]
+    assert rows["distill"]["why"] == "upstream prune changed"
+    assert rows["scratch"]["headline"].startswith("step 6/6")
+
+
+def test_moved_run_directory_resumes_and_reports(tiny_run, tmp_path):
+    """An interrupted run (distill stopped after its step-3 checkpoint, nothing after it),
+    moved elsewhere, resumes distillation from step 3 and reports from its own outputs."""
+    run_dir = copy_of(tiny_run, tmp_path / "old")
+    distill = run_dir / "distill"
+    (distill / "DONE").unlink()
+    shutil.rmtree(distill / "checkpoints" / "step_000006")
+    (distill / "final.txt").unlink()
+    for stage in ("export", "eval", "report"):
+        shutil.rmtree(run_dir / stage)
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    run_dir.rename(moved)
+    pipeline = tiny_pipeline(tiny_run.root, moved)
+    plan = pipeline.plan()
+    assert plan["distill"][0] == "resume" and plan["prune"][0] == "skip"
+    pipeline.run()
+    metrics = read_metrics(moved / "distill")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert (moved / "distill" / "final.txt").read_text() == "distill/checkpoints/step_000006"
+    # The report's token counts are the trainings' own: consumed samples x sequence length.
+    report = json.loads((moved / "report" / "results.json").read_text())
+    state = json.loads((moved / "distill/checkpoints/step_000006/train_state.json").read_text())
+    assert state["consumed_samples"] == 6 * 4
+    assert report["tokens"]["distilled"] == 6 * 4 * 32 == report["trainings"]["distill"]["tokens"]
 
 
 def test_teacher_correction_stage_feeds_prune_and_distill(tmp_path):
@@ -138,8 +226,9 @@ def test_teacher_correction_stage_feeds_prune_and_distill(tmp_path):
     ]
     pipeline = Pipeline(load_config(REPO / "recipes/smollm2_135m_cpu.yaml", overrides))
     pipeline.run()
-    corrected = pipeline.stage_dir("correct") / "ckpt"
+    corrected = pipeline.stage_dir("correct") / "train" / "checkpoints" / "step_000002"
     assert (corrected / "DONE").is_file() and pipeline.teacher_ckpt == corrected
+    assert not (pipeline.stage_dir("correct") / "ckpt").exists()  # pointed at, not copied
     report = json.loads((pipeline.stage_dir("prune") / "prune_report.json").read_text())
     assert report["pruned_arch"]["ffn_hidden_size"] == 64
     config = json.loads((pipeline.stage_dir("distill") / "distill_config.json").read_text())

@@ -23,7 +23,7 @@ TOKENS = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_see
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory):
-    """calib(seed) -> data whose calibration set is 14 of 20 train samples of 17 random tokens."""
+    """calib(seed) -> data whose calibration set is 14 samples of 17 random tokens."""
     root = tmp_path_factory.mktemp("calib")
     made = {}
 
@@ -31,7 +31,7 @@ def calib(tmp_path_factory):
         if seed not in made:
             docs = random_documents(20, 17, seed=seed)
             made[seed] = token_data_spec(
-                root / f"seed{seed}", docs, seq_length=16, train_samples=20, calibration_samples=14
+                root / f"seed{seed}", docs, seq_length=16, calibration_samples=14
             )
         return made[seed]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from minitron_nemo import checkpoint
+from minitron_nemo import atomic, checkpoint
 from minitron_nemo.convert import transforms
 from minitron_nemo.convert.safetensors_io import SafetensorsReader
 from minitron_nemo.errors import MinitronError
@@ -137,7 +137,7 @@ def hf_to_mcore(
     """Convert an HF directory into a checkpoint directory (see checkpoint.py)."""
     start = time.time()
     plan = plan_conversion(Path(hf_dir), tp, pp, dtype)
-    with checkpoint.atomic_directory(Path(out), force=force) as tmp:
+    with atomic.atomic_directory(Path(out), force=force) as tmp:
         run_on_ranks(_convert_on_rank, tp * pp, plan, tmp)
         checkpoint.copy_tokenizer(plan.hf_dir, tmp / "tokenizer")
         checkpoint.write_meta(

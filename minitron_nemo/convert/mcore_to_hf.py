@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from minitron_nemo import checkpoint
+from minitron_nemo import atomic, checkpoint
 from minitron_nemo.convert import transforms
 from minitron_nemo.convert.safetensors_io import ShardedSafetensorsWriter
 from minitron_nemo.models.arch import ModelArch
@@ -70,7 +70,7 @@ def mcore_to_hf(
     start = time.time()
     ckpt = Path(ckpt)
     checkpoint.require_checkpoint(ckpt)
-    with checkpoint.atomic_directory(Path(out), force=force) as tmp:
+    with atomic.atomic_directory(Path(out), force=force) as tmp:
         with distributed.initialize(tp=1, pp=1):
             model, arch = checkpoint.load_model(ckpt, dtype=dtype, use_te=False)
             out_dtype = dtype or checkpoint.checkpoint_dtype(ckpt)

@@ -1,11 +1,14 @@
 """Samples through megatron-core's datasets: `BlendedMegatronDatasetBuilder` + `GPTDataset`.
 
 A `DataSpec` (paths and numbers, never tokens) is all a rank receives. From it each rank builds
-the split it reads (train: distillation, teacher correction, the scratch baseline and calibration;
-test: held-out evaluation); the .bin files are memory-mapped and megatron's document / sample /
-shuffle indices are loaded from the cache the data stage built, so a rank's memory does not grow
-with the data. The split is megatron's document-level split ("99,0.5,0.5": contiguous ranges of
-each dataset's documents), so train and test never share a document.
+the view it reads: `train` (distillation, teacher correction, the scratch baseline: the train
+split built for that training's steps x global batch), `calibration` (importance: one shuffled
+epoch of the train split, whatever the training length, so changing the training does not change
+the pruned model) or `test` (held-out evaluation). megatron's document / sample / shuffle indices
+are loaded from the cache built before the ranks start, the .bin files are read a sample at a
+time, so a rank's memory does not grow with the data. The split is megatron's document-level
+split ("99,0.5,0.5": contiguous ranges of each dataset's documents), so train and test never
+share a document.
 
 A sample is [seq_length + 1] token ids (inputs + the next token), as megatron's GPTDataset reads
 it. Batches follow megatron's pretraining sampler: optimizer step k trains on the global samples
@@ -25,7 +28,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy
 import torch
 
 from minitron_nemo.data.spec import parse_split
@@ -63,10 +65,12 @@ class DataSpec:
     """megatron's sample-index cache (built once by the data stage)."""
     vocab_size: int
     eod: int
-    train_samples: int
-    """Samples the train split is built for (the longest training of the run)."""
     heldout_samples: int
+    """Samples of the test split for held-out evaluation."""
     calibration_samples: int
+    """Samples of the calibration view: the first of one shuffled epoch of the train split."""
+    train_samples: int = 0
+    """Samples of the train view (set by the training stage: steps x global batch)."""
 
     @property
     def sample_length(self) -> int:
@@ -97,6 +101,10 @@ def _gpt_config(spec: DataSpec, which: str, cache_dir: str):
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,  # [s, s] per sample; our attention is causal SDPA
+        # Read samples with file reads, not a memory map of the .bin: on a mapped multi-GB file
+        # every random sample faults in the kernel's read-around window, so a rank's RSS grows
+        # toward the dataset's size (measured in bench/data_scale.py).
+        mmap_bin_files=False,
     )
     # Build only the split this caller reads (megatron builds every split with a share > 0).
     wanted = SPLITS.index(which)
@@ -136,42 +144,56 @@ def _repeats_documents(dataset) -> bool:
     return any(len(part.document_index) > len(part.indices) for part in parts)
 
 
-def _index_key(spec: DataSpec) -> str:
-    """Identity of the indices build_indices makes: the spec and each dataset file's stat."""
+def _index_key(spec: DataSpec, views: Sequence[str]) -> str:
+    """Identity of the indices build_indices makes: the views' sizes, the spec and each
+    dataset file's stat."""
     files = [
         (p, os.stat(p + ext).st_size, os.stat(p + ext).st_mtime_ns)
         for p in spec.prefixes
         for ext in (".bin", ".idx")
     ]
-    blob = json.dumps([dataclasses.asdict(spec), files], sort_keys=True, default=str)
+    sizes = {v: view_size(spec, v) for v in views}
+    spec_fields = {k: v for k, v in dataclasses.asdict(spec).items() if not k.endswith("_samples")}
+    blob = json.dumps([spec_fields, sizes, files], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def build_indices(spec: DataSpec) -> dict[str, int]:
-    """Build megatron's indices of the train and test splits into the cache, atomically: they
-    are written to a private directory and moved into the cache (descriptions last, which
-    megatron's cache-hit test requires), so a killed build never leaves an index that looks
-    complete; then a marker records the build, and a second call with the same spec and files
-    returns at once. Returns the number of samples of each split."""
+VIEWS = {"train": "train", "calibration": "train", "test": "test"}
+"""View -> the split of data.split it reads."""
+
+
+def view_size(spec: DataSpec, view: str) -> int:
+    return {
+        "train": spec.train_samples,
+        "calibration": spec.calibration_samples,
+        "test": spec.heldout_samples,
+    }[view]
+
+
+def build_indices(spec: DataSpec, views: Sequence[str] = ("calibration", "test")) -> dict:
+    """Build megatron's indices of `views` into the cache, atomically: they are written to a
+    private directory and moved into the cache (descriptions last, which megatron's cache-hit
+    test requires), so a killed build never leaves an index that looks complete; then a marker
+    records the build, and a second call with the same spec and files returns at once. Views of
+    size 0 are skipped. Returns the number of samples of each view."""
+    views = [v for v in views if view_size(spec, v) > 0]
     cache = Path(spec.cache_dir)
-    marker = cache / f"minitron-{_index_key(spec)}.json"
+    marker = cache / f"minitron-{_index_key(spec, views)}.json"
     if marker.is_file():
         return json.loads(marker.read_text())
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / f".build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     counts = {}
     try:
-        train = build_split(spec, "train", spec.train_samples, str(tmp))
-        counts["train"] = len(train)
-        if spec.heldout_samples > 0:
-            test = build_split(spec, "test", spec.heldout_samples, str(tmp))
-            if _repeats_documents(test):
+        for view in views:
+            dataset = build_split(spec, VIEWS[view], view_size(spec, view), str(tmp))
+            if view == "test" and _repeats_documents(dataset):
                 raise MinitronError(
                     f"data: the test part of data.split {spec.split!r} holds fewer than "
                     f"data.heldout_samples = {spec.heldout_samples} samples of "
                     f"{spec.sample_length} tokens; lower heldout_samples or raise the test share"
                 )
-            counts["test"] = len(test)
+            counts[view] = len(dataset)
         if tmp.is_dir():
             files = sorted(tmp.iterdir(), key=lambda p: (p.name.endswith("description.txt"), p))
             for path in files:
@@ -188,12 +210,12 @@ def build_indices(spec: DataSpec) -> dict[str, int]:
 
 
 class SampleReader:
-    """Reads samples [n, seq_length + 1] by index from one split (memory: the samples read)."""
+    """Reads samples [n, seq_length + 1] by index from one view (memory: the samples read)."""
 
-    def __init__(self, spec: DataSpec, which: str, num_samples: int) -> None:
+    def __init__(self, spec: DataSpec, view: str) -> None:
         self.spec = spec
-        self.which = which
-        self.dataset = build_split(spec, which, num_samples)
+        self.view = view
+        self.dataset = build_split(spec, VIEWS[view], view_size(spec, view))
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -201,8 +223,8 @@ class SampleReader:
     def read(self, indices: Sequence[int]) -> torch.Tensor:
         if indices and max(indices) >= len(self.dataset):
             raise MinitronError(
-                f"data: sample {max(indices)} of the {self.which} split was asked for, but it was "
-                f"built for {len(self.dataset)} samples (rerun the data stage)"
+                f"data: sample {max(indices)} of the {self.view} view was asked for, but it was "
+                f"built for {len(self.dataset)} samples"
             )
         rows = []
         for i in indices:
@@ -217,11 +239,15 @@ class SampleReader:
 
 
 def train_reader(spec: DataSpec) -> SampleReader:
-    return SampleReader(spec, "train", spec.train_samples)
+    return SampleReader(spec, "train")
+
+
+def calibration_reader(spec: DataSpec) -> SampleReader:
+    return SampleReader(spec, "calibration")
 
 
 def heldout_reader(spec: DataSpec) -> SampleReader:
-    return SampleReader(spec, "test", spec.heldout_samples)
+    return SampleReader(spec, "test")
 
 
 def heldout_indices(spec: DataSpec) -> list[int]:
@@ -229,16 +255,9 @@ def heldout_indices(spec: DataSpec) -> list[int]:
 
 
 def calibration_indices(spec: DataSpec) -> list[int]:
-    """`calibration_samples` distinct random samples of the train split (P1: 1024), ascending;
-    O(n) memory whatever the split's size."""
-    if spec.calibration_samples > spec.train_samples:
-        raise MinitronError(
-            f"data.calibration_samples {spec.calibration_samples} > the train split's "
-            f"{spec.train_samples} samples"
-        )
-    rng = numpy.random.default_rng(spec.seed)
-    chosen = rng.choice(spec.train_samples, spec.calibration_samples, replace=False)
-    return sorted(int(i) for i in chosen)
+    """The calibration samples (P1: 1024 random samples of the training data): the first
+    `calibration_samples` of the calibration view, which megatron has shuffled."""
+    return list(range(spec.calibration_samples))
 
 
 def step_sample_indices(

@@ -15,7 +15,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from minitron_nemo.checkpoint import atomic_directory, is_complete
+from minitron_nemo.atomic import atomic_directory, is_complete
 from minitron_nemo.errors import MinitronError
 
 log = logging.getLogger(__name__)

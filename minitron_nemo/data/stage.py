@@ -5,7 +5,8 @@
   prepared dataset whose PREFIX.json records the same inputs and tokenizer is reused, so a rerun
   does not tokenise again.
 - Every dataset is opened and checked (both files, .bin length, token ids < the vocabulary).
-- megatron's train and test indices are built into the cache once, before any rank starts.
+- megatron's calibration and test indices are built into the cache once, before any rank
+  starts (each training stage builds the train index for its own length the same way).
 - `data.json` records the datasets (paths relative to the run directory where they are inside
   it), the split and the sample counts; `load_spec` turns it into the `DataSpec` ranks get.
 """
@@ -56,9 +57,9 @@ def run_data_stage(
     out: Path,
     run_dir: Path,
     vocab_size: int,
-    train_samples: int,
 ) -> dict:
-    """Prepare / check every dataset, build megatron's indices, write and return data.json."""
+    """Prepare / check every dataset, build megatron's calibration and test indices, write and
+    return data.json (each training stage builds its own train index)."""
     from minitron_nemo.data.prepare import end_of_document_id, load_tokenizer, prepare
 
     out.mkdir(parents=True, exist_ok=True)
@@ -101,11 +102,10 @@ def run_data_stage(
         "cache_dir": _relative(cache_dir, run_dir),
         "vocab_size": vocab_size,
         "eod": eod,
-        "train_samples": train_samples,
         "heldout_samples": cfg.heldout_samples,
         "calibration_samples": cfg.calibration_samples,
     }
-    record["split_samples"] = build_indices(load_spec(record, run_dir))
+    record["view_samples"] = build_indices(load_spec(record, run_dir), ("calibration", "test"))
     (out / "data.json").write_text(json.dumps(record, indent=2))
     return record
 
@@ -126,14 +126,11 @@ def load_spec(record: dict, run_dir: Path) -> DataSpec:
         cache_dir=resolve(record["cache_dir"]),
         vocab_size=int(record["vocab_size"]),
         eod=int(record["eod"]),
-        train_samples=int(record["train_samples"]),
         heldout_samples=int(record["heldout_samples"]),
         calibration_samples=int(record["calibration_samples"]),
     )
 
 
-def prepare_data(
-    cfg: DataConfig, tokenizer_dir: Path, out: Path, vocab_size: int, train_samples: int
-) -> DataSpec:
+def prepare_data(cfg: DataConfig, tokenizer_dir: Path, out: Path, vocab_size: int) -> DataSpec:
     """The data stage outside a run (benchmarks, studies): `out` holds everything."""
-    return load_spec(run_data_stage(cfg, tokenizer_dir, out, out, vocab_size, train_samples), out)
+    return load_spec(run_data_stage(cfg, tokenizer_dir, out, out, vocab_size), out)

@@ -14,6 +14,7 @@ renamed when complete: a checkpoint killed mid-save is never picked up by --resu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from minitron_nemo import checkpoint
+from minitron_nemo import atomic, checkpoint
 from minitron_nemo.config import DistillConfig
 from minitron_nemo.data.datasets import DataSpec
 from minitron_nemo.distill.losses import combine, kl_divergence, top_k_forward_kl
@@ -40,7 +41,6 @@ from minitron_nemo.runtime.launch import run_on_ranks
 from minitron_nemo.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
-MODES = ("distill", "lm", "teacher_correction")
 STEP_DIR = re.compile(r"step_(\d+)")
 
 
@@ -51,18 +51,13 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     found = [
         (int(m.group(1)), p)
         for p in ckpt_root.iterdir()
-        if (m := STEP_DIR.fullmatch(p.name)) and checkpoint.is_complete(p)
+        if (m := STEP_DIR.fullmatch(p.name)) and atomic.is_complete(p)
     ]
     return max(found)[1] if found else None
 
 
-def check_config(cfg: DistillConfig) -> None:
-    if cfg.mode not in MODES:
-        raise MinitronError(f"distill.mode: expected one of {MODES}, got {cfg.mode!r}")
-    if cfg.kl not in ("forward", "reverse", "topk"):
-        raise MinitronError(f"distill.kl: expected forward, reverse or topk, got {cfg.kl!r}")
-    if cfg.steps <= 0 or cfg.micro_batch_size <= 0 or cfg.global_batch_size <= 0:
-        raise MinitronError("distill.steps, micro_batch_size and global_batch_size must be > 0")
+def check_environment(cfg: DistillConfig) -> None:
+    """What the config cannot know: FP8 needs TransformerEngine on a GPU."""
     if cfg.fp8 is not None:
         from minitron_nemo.models.build import te_available
 
@@ -70,25 +65,12 @@ def check_config(cfg: DistillConfig) -> None:
             raise MinitronError(
                 f"distill.fp8 = {cfg.fp8!r} needs TransformerEngine on a GPU (not available)"
             )
-    if (
-        cfg.mode == "distill"
-        and cfg.logits_weight == 0
-        and cfg.lm_weight == 0
-        and not cfg.intermediate_pairs
-    ):
-        raise MinitronError(
-            "distill: every loss weight is 0 (set logits_weight, lm_weight or intermediate_pairs)"
-        )
 
 
 def check_pairs(pairs: list[list[int]], student: ModelArch, teacher: ModelArch, pp: int) -> None:
     """Each (student layer, teacher layer) pair must exist and run on the same pipeline stage
     (layers are split evenly over stages)."""
-    for pair in pairs:
-        if len(pair) != 2:
-            raise MinitronError(
-                f"distill.intermediate_pairs: expected [student, teacher], got {pair}"
-            )
+    for pair in pairs:  # [s, t] with s, t >= 0: checked by DistillConfig
         s, t = pair
         if not (0 <= s < student.num_layers and 0 <= t < teacher.num_layers):
             raise MinitronError(
@@ -185,7 +167,7 @@ def _save(
     from megatron.core import dist_checkpointing
 
     rank = dist.get_rank()
-    tmp = checkpoint.incomplete_path(step_dir)
+    tmp = atomic.incomplete_path(step_dir)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "weights").mkdir(parents=True)
@@ -208,7 +190,7 @@ def _save(
         )
         if tokenizer_dir is not None and tokenizer_dir.is_dir():
             checkpoint.copy_tokenizer(tokenizer_dir, tmp / "tokenizer")
-        (tmp / checkpoint.DONE).write_text("ok\n")
+        (tmp / atomic.DONE).write_text("ok\n")
         shutil.rmtree(step_dir, ignore_errors=True)
         tmp.rename(step_dir)
     dist.barrier()
@@ -503,13 +485,9 @@ def train(
 ) -> Path:
     """Train on the train split of `data` and return the final checkpoint directory
     (out/checkpoints/step_<steps>)."""
-    check_config(cfg)
-    if cfg.steps * cfg.global_batch_size > data.train_samples:
-        raise MinitronError(
-            f"distill: {cfg.steps} steps x {cfg.global_batch_size} samples need "
-            f"{cfg.steps * cfg.global_batch_size} samples; the train split was built for "
-            f"{data.train_samples} (rerun the data stage)"
-        )
+    from minitron_nemo.data.datasets import build_indices
+
+    check_environment(cfg)
     checkpoint.require_checkpoint(student_ckpt)
     if cfg.mode == "distill":
         if teacher_ckpt is None:
@@ -520,6 +498,9 @@ def train(
     arch.check_parallel(tp, pp)
     if cfg.intermediate_pairs and cfg.mode == "distill":
         check_pairs(cfg.intermediate_pairs, arch, ModelArch.load(teacher_ckpt / "arch.yaml"), pp)
+    # The train view for this training's length, built once before the ranks start.
+    data = dataclasses.replace(data, train_samples=cfg.steps * cfg.global_batch_size)
+    build_indices(data, ("train",))
     out.mkdir(parents=True, exist_ok=True)
     (out / "distill_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     if not resume:
@@ -539,11 +520,6 @@ def train(
         init_random,
     )
     final = out / "checkpoints" / f"step_{cfg.steps:06d}"
-    if not checkpoint.is_complete(final):
+    if not atomic.is_complete(final):
         raise RuntimeError(f"training ended without its final checkpoint {final}")
     return final
-
-
-def read_metrics(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []

@@ -22,15 +22,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 
-from minitron_nemo.errors import MinitronError
-
-AGGREGATIONS = ("mean", "l2", "var")
-
-
-def check_aggregation(name: str, field: str) -> None:
-    if name not in AGGREGATIONS:
-        raise MinitronError(f"{field}: expected one of {AGGREGATIONS}, got {name!r}")
-
 
 def reduce_sequence(mag_sbn: torch.Tensor, how: str) -> torch.Tensor:
     """[s, b, n] per-token magnitudes -> [b, n] per sample."""
@@ -96,8 +87,6 @@ class ImportanceCollector:
     """Registers the hooks on this rank's model shard and accumulates per-layer scores."""
 
     def __init__(self, model: torch.nn.Module, seq: str = "mean", batch: str = "l2") -> None:
-        check_aggregation(seq, "prune.aggregation.seq")
-        check_aggregation(batch, "prune.aggregation.batch")
         self.seq, self.batch = seq, batch
         self.heads: dict[int, SampleAggregate] = {}
         self.neurons: dict[int, SampleAggregate] = {}

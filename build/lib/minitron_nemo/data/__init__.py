@@ -1,0 +1,1 @@
+"""Data: offline model/text sources, tokenization, indexed datasets, calibration sampling."""

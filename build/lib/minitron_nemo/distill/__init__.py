@@ -1,0 +1,1 @@
+"""Knowledge distillation: pure loss functions, teacher/student pairing, the training loop."""

@@ -1,0 +1,1 @@
+"""Evaluation: held-out LM loss / perplexity, zero-shot multiple-choice accuracy."""

@@ -1,0 +1,1 @@
+"""Architecture description, megatron-core model building and HF family maps."""

@@ -1,0 +1,141 @@
+"""Build the megatron-core model for a `ModelArch`: the one place a model is constructed."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from minitron_nemo.errors import MinitronError
+from minitron_nemo.models.arch import ModelArch
+from minitron_nemo.models.attention import SDPACoreAttention
+from minitron_nemo.runtime import cpu_compat
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def te_available() -> bool:
+    """TransformerEngine importable and a GPU present (TE needs CUDA)."""
+    return (
+        cpu_compat.cuda_available() and importlib.util.find_spec("transformer_engine") is not None
+    )
+
+
+def layer_spec(use_te: bool, qk_layernorm: bool = False) -> ModuleSpec:
+    """TE spec (fused norms, FP8) when asked; else the local spec with SDPA core attention."""
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
+
+
+def transformer_config(
+    arch: ModelArch,
+    dtype: torch.dtype = torch.float32,
+    perform_initialization: bool = False,
+    fp8: str | None = None,
+) -> TransformerConfig:
+    """megatron TransformerConfig for `arch` with the current parallel state's TP/PP sizes."""
+    on_gpu = cpu_compat.cuda_available()
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=perform_initialization,
+        init_method_std=0.02,
+        # Fusions need TE / apex kernels; they are off so CPU and GPU run the same math.
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        # FP8 runs through TransformerEngine layers (the TE spec); megatron wraps the forward
+        # in TE's fp8 autocast when `fp8` is set.
+        fp8=fp8,
+    )
+
+
+def build_model(
+    arch: ModelArch,
+    dtype: torch.dtype = torch.float32,
+    use_te: bool | None = None,
+    perform_initialization: bool = False,
+    fp8: str | None = None,
+) -> GPTModel:
+    """This rank's shard (TP slice, PP stage) of the model, on the runtime device."""
+    if fp8 is not None:
+        if use_te is False or not te_available():
+            raise MinitronError(f"fp8 = {fp8!r} needs TransformerEngine on a GPU (not available)")
+        use_te = True
+    if use_te is None:
+        use_te = te_available()
+    elif use_te and not te_available():
+        raise MinitronError("use_te: TransformerEngine is not importable (or no GPU is present)")
+    arch.check_parallel(
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+    )
+    config = transformer_config(arch, dtype, perform_initialization, fp8)
+    scaling = arch.rope_scaling or {}
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(use_te),
+        vocab_size=arch.padded_vocab_size,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=arch.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=arch.rope_theta,
+        rope_scaling=bool(scaling),
+        rope_scaling_factor=float(scaling.get("factor", 8.0)),
+        parallel_output=True,
+    )
+    if scaling:
+        _set_llama3_rope(model, arch)
+    if cpu_compat.cuda_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def _set_llama3_rope(model: GPTModel, arch: ModelArch) -> None:
+    """GPTModel forwards only `factor`; apply all llama3 rope parameters with mcore's scaler."""
+    rope = model.rotary_pos_emb
+    dim = arch.head_dim
+    base = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    scaling = arch.rope_scaling or {}
+    rope.inv_freq = rope._apply_scaling(
+        base,
+        factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling["low_freq_factor"]),
+        high_freq_factor=float(scaling["high_freq_factor"]),
+        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+    ).to(rope.inv_freq.device)

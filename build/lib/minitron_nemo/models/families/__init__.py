@@ -1,0 +1,12 @@
+"""HF model families: one declarative module each, registered by `architectures` name."""
+
+from minitron_nemo.models.families import llama, mistral, qwen2  # noqa: F401  (registration)
+from minitron_nemo.models.families.base import (
+    REGISTRY,
+    Family,
+    Rule,
+    family_by_name,
+    family_for_config,
+)
+
+__all__ = ["REGISTRY", "Family", "Rule", "family_by_name", "family_for_config"]

@@ -1,0 +1,1 @@
+"""Structured pruning: activation importance, architecture selection, slicing, depth."""

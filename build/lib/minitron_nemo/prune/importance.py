@@ -1,0 +1,210 @@
+"""Activation-based importance (P1 section 2.2), gathered across TP and PP.
+
+Forward hooks on this rank's layers record, per calibration sample, one magnitude per unit:
+- attention head i: L2 norm over head_dim of the head's output (input of `linear_proj`);
+- MLP neuron i: |activation| at the input of `linear_fc2` (after the gated SwiGLU);
+- embedding channel i: |output| of every RMSNorm (input_layernorm, pre_mlp_layernorm), summed
+  over all norms of all layers;
+- layer: block importance 1 - cos(x_in, x_out) per token.
+Magnitudes are reduced over the sequence first (`seq`), then over samples (`batch`), each with
+`mean`, `l2` or `var` (default batch L2, sequence mean: P1 Table 13's best).
+Shapes: s = sequence, b = micro-batch, n = heads on this rank, d = head dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state
+
+
+def reduce_sequence(mag_sbn: torch.Tensor, how: str) -> torch.Tensor:
+    """[s, b, n] per-token magnitudes -> [b, n] per sample."""
+    mag = mag_sbn.double()
+    if how == "mean":
+        return mag.mean(0)
+    if how == "l2":
+        return mag.pow(2).sum(0).sqrt()
+    if how == "var":
+        return mag.var(0, unbiased=False)
+    raise ValueError(how)
+
+
+class SampleAggregate:
+    """Streaming reduction over samples of [b, n] vectors: mean, l2 or var."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+        self.sum: torch.Tensor | None = None
+        self.sumsq: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, values_bn: torch.Tensor) -> None:
+        values = values_bn.double().cpu()
+        if self.sum is None:
+            self.sum = torch.zeros(values.shape[1:], dtype=torch.double)
+            self.sumsq = torch.zeros_like(self.sum)
+        self.sum += values.sum(0)
+        self.sumsq += values.pow(2).sum(0)
+        self.count += values.shape[0]
+
+    def result(self) -> torch.Tensor:
+        assert self.sum is not None and self.sumsq is not None, "no samples were seen"
+        if self.how == "l2":
+            return self.sumsq.sqrt()
+        mean = self.sum / self.count
+        if self.how == "mean":
+            return mean
+        return (self.sumsq / self.count - mean.pow(2)).clamp_min(0)
+
+
+@dataclass
+class Importance:
+    """Scores of the full (gathered) model; all tensors are float64 on CPU."""
+
+    heads: torch.Tensor  # [L, num_attention_heads]
+    neurons: torch.Tensor  # [L, ffn_hidden_size]
+    channels: torch.Tensor  # [hidden_size], summed over all norms of all layers
+    channels_per_layer: torch.Tensor  # [L, hidden_size]
+    block_importance: torch.Tensor  # [L]
+    num_samples: int
+    seq_length: int
+    aggregation: dict[str, str]
+    layer_skip_loss: torch.Tensor | None = None  # [L] LM loss with layer i skipped
+    block_loss: dict[int, list[float]] | None = None  # k -> LM loss with block [i, i+k) skipped
+    base_loss: float | None = None
+
+    def to_state(self) -> dict:
+        return dict(self.__dict__)
+
+
+class ImportanceCollector:
+    """Registers the hooks on this rank's model shard and accumulates per-layer scores."""
+
+    def __init__(self, model: torch.nn.Module, seq: str = "mean", batch: str = "l2") -> None:
+        self.seq, self.batch = seq, batch
+        self.heads: dict[int, SampleAggregate] = {}
+        self.neurons: dict[int, SampleAggregate] = {}
+        self.channels: dict[int, list[SampleAggregate]] = {}
+        self.cos_sum: dict[int, float] = {}
+        self.cos_count: dict[int, int] = {}
+        self.handles = []
+        for layer in model.decoder.layers:
+            g = layer.layer_number - 1
+            attn = layer.self_attention
+            self.heads[g] = SampleAggregate(batch)
+            self.neurons[g] = SampleAggregate(batch)
+            self.channels[g] = [SampleAggregate(batch), SampleAggregate(batch)]
+            self.cos_sum[g], self.cos_count[g] = 0.0, 0
+            head_dim = attn.hidden_size_per_attention_head
+            self.handles += [
+                attn.linear_proj.register_forward_pre_hook(partial(self._on_heads, g, head_dim)),
+                layer.mlp.linear_fc2.register_forward_pre_hook(partial(self._on_neurons, g)),
+                layer.input_layernorm.register_forward_hook(partial(self._on_norm, g, 0)),
+                layer.pre_mlp_layernorm.register_forward_hook(partial(self._on_norm, g, 1)),
+                layer.register_forward_hook(partial(self._on_layer, g), with_kwargs=True),
+            ]
+
+    def _on_heads(self, g: int, head_dim: int, _module, args) -> None:
+        x_sbe = args[0]
+        s, b, e = x_sbe.shape
+        mag_sbn = x_sbe.detach().view(s, b, e // head_dim, head_dim).float().norm(dim=-1)
+        self.heads[g].add(reduce_sequence(mag_sbn, self.seq))
+
+    def _on_neurons(self, g: int, _module, args) -> None:
+        self.neurons[g].add(reduce_sequence(args[0].detach().abs(), self.seq))
+
+    def _on_norm(self, g: int, which: int, _module, _args, output) -> None:
+        out = output[0] if isinstance(output, tuple) else output
+        self.channels[g][which].add(reduce_sequence(out.detach().abs(), self.seq))
+
+    def _on_layer(self, g: int, _module, args, kwargs, output) -> None:
+        x_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        x_out = output[0]
+        cos = F.cosine_similarity(x_in.detach().double(), x_out.detach().double(), dim=-1)
+        self.cos_sum[g] += cos.sum().item()
+        self.cos_count[g] += cos.numel()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def local_scores(self) -> dict[int, dict[str, torch.Tensor]]:
+        return {
+            g: {
+                "heads": self.heads[g].result(),
+                "neurons": self.neurons[g].result(),
+                "channels": self.channels[g][0].result() + self.channels[g][1].result(),
+                "bi": torch.tensor(1.0 - self.cos_sum[g] / max(self.cos_count[g], 1)),
+            }
+            for g in self.heads
+        }
+
+
+def gather_scores(
+    local: dict[int, dict[str, torch.Tensor]], num_layers: int
+) -> dict[str, torch.Tensor]:
+    """Join every rank's per-layer scores: TP shards concatenated in rank order, PP stages
+    united. Returns [L, ...] tensors, identical on every rank."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (tp_rank, local))
+    by_layer: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
+    for rank_tp, scores in gathered:
+        for g, entry in scores.items():
+            by_layer.setdefault(g, {})[rank_tp] = entry
+    if sorted(by_layer) != list(range(num_layers)):
+        raise RuntimeError(
+            f"importance gathered for layers {sorted(by_layer)}, not 0..{num_layers - 1}"
+        )
+    out: dict[str, list[torch.Tensor]] = {"heads": [], "neurons": [], "channels": [], "bi": []}
+    for g in range(num_layers):
+        shards = [by_layer[g][r] for r in sorted(by_layer[g])]
+        out["heads"].append(torch.cat([s["heads"] for s in shards]))
+        out["neurons"].append(torch.cat([s["neurons"] for s in shards]))
+        out["channels"].append(shards[0]["channels"])  # replicated across TP
+        out["bi"].append(shards[0]["bi"])
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+def collect_importance(
+    model: torch.nn.Module,
+    batches: Iterable[torch.Tensor],
+    num_samples: int,
+    seq_length: int,
+    num_layers: int,
+    seq: str = "mean",
+    batch: str = "l2",
+    progress: bool = True,
+) -> Importance:
+    """Run calibration micro-batches [b, s+1] (read one at a time) through the model and return
+    the gathered importance."""
+    from minitron_nemo.runtime.forward import run_forward
+    from minitron_nemo.runtime.progress import Progress
+
+    device = next(model.parameters()).device
+    collector = ImportanceCollector(model, seq=seq, batch=batch)
+    bar = Progress(total=num_samples * seq_length, desc="calibration", unit="tok", enabled=progress)
+    try:
+        for chunk in batches:
+            run_forward(model, [chunk.to(device)], lambda out, _b: None)
+            bar.update(chunk.shape[0] * seq_length)
+    finally:
+        collector.remove()
+        bar.close()
+    scores = gather_scores(collector.local_scores(), num_layers)
+    return Importance(
+        heads=scores["heads"],
+        neurons=scores["neurons"],
+        channels=scores["channels"].sum(0),
+        channels_per_layer=scores["channels"],
+        block_importance=scores["bi"],
+        num_samples=num_samples,
+        seq_length=seq_length,
+        aggregation={"seq": seq, "batch": batch},
+    )

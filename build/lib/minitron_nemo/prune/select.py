@@ -1,0 +1,67 @@
+"""From importance scores and the target architecture to the units kept (no megatron)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from minitron_nemo.models.arch import ModelArch
+
+
+@dataclass
+class PrunePlan:
+    """Indices to keep, in the source's order (all ascending)."""
+
+    arch: ModelArch
+    channels: list[int]
+    layers: list[int]
+    neurons: dict[int, list[int]]
+    groups: dict[int, list[int]]
+    heads: dict[int, list[int]]  # global query-head indices kept, grouped by kept group
+    source_layers: int
+
+    @property
+    def dropped_layers(self) -> list[int]:
+        return [i for i in range(self.source_layers) if i not in set(self.layers)]
+
+
+def _top(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k highest scores (stable: ties keep the lower index), ascending."""
+    order = torch.sort(scores, descending=True, stable=True).indices[:k]
+    return sorted(order.tolist())
+
+
+def select(
+    source: ModelArch,
+    arch: ModelArch,
+    heads: torch.Tensor,
+    neurons: torch.Tensor,
+    channels: torch.Tensor,
+    layers: list[int],
+) -> PrunePlan:
+    """Keep the most important units: channels globally, the rest per kept layer.
+
+    Query groups are ranked by the L2 norm of their heads' scores; inside each kept group the
+    same number of heads is kept (the best of that group).
+    """
+    per_group_src = source.num_attention_heads // source.num_query_groups
+    per_group = arch.num_attention_heads // arch.num_query_groups
+    plan = PrunePlan(
+        arch=arch,
+        channels=_top(channels, arch.hidden_size),
+        layers=layers,
+        neurons={},
+        groups={},
+        heads={},
+        source_layers=source.num_layers,
+    )
+    for i in layers:
+        plan.neurons[i] = _top(neurons[i], arch.ffn_hidden_size)
+        head_scores = heads[i].view(source.num_query_groups, per_group_src)
+        plan.groups[i] = _top(head_scores.norm(dim=1), arch.num_query_groups)
+        kept = []
+        for g in plan.groups[i]:
+            kept += [g * per_group_src + h for h in _top(head_scores[g], per_group)]
+        plan.heads[i] = kept
+    return plan

@@ -1,0 +1,108 @@
+"""Slice an HF-named state dict to a `PrunePlan` (pure tensor indexing, no megatron).
+
+Slicing works on the full (gathered) tensors in HF layout, where every unit is a plain row or
+column: q_proj rows = heads x d, k/v rows = groups x d, o_proj columns = heads x d, gate/up rows
+and down columns = neurons, every hidden-size axis = channels. The sliced dict is then written
+as an HF directory and re-sharded by the converter to any TP/PP.
+Shapes: n = heads, g = groups, d = head dim, h = hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minitron_nemo.models.arch import ModelArch
+from minitron_nemo.prune.select import PrunePlan
+
+
+def _rows(t: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    return t.index_select(0, torch.tensor(idx, dtype=torch.long))
+
+
+def _cols(t: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    return t.index_select(1, torch.tensor(idx, dtype=torch.long))
+
+
+def _unit_rows(t: torch.Tensor, units: list[int], width: int) -> torch.Tensor:
+    """Keep whole blocks of `width` rows (a head or group of a [units*width, ...] tensor)."""
+    rows = [u * width + j for u in units for j in range(width)]
+    return _rows(t, rows)
+
+
+def merge_pruned_heads(
+    q_nd_h: torch.Tensor, scores: torch.Tensor, groups: int, keep_per_group: int
+) -> torch.Tensor:
+    """P1 section 2.3: in each group, with heads sorted by importance h_1..h_L and K kept,
+    h_i <- h_i + (h_i - h_{2K-i+1}) for the last L-K kept heads (query heads only).
+    `q_nd_h` is the q_proj weight (or bias) viewed [n, d, ...]."""
+    merged = q_nd_h.clone()
+    per_group = q_nd_h.shape[0] // groups
+    for g in range(groups):
+        local = torch.sort(
+            scores[g * per_group : (g + 1) * per_group], descending=True, stable=True
+        )
+        order = [g * per_group + int(i) for i in local.indices]  # h_1..h_L (global indices)
+        big_l, k = per_group, keep_per_group
+        for i in range(max(1, 2 * k - big_l + 1), k + 1):  # 1-based, partner 2K-i+1 <= L
+            partner = 2 * k - i + 1
+            merged[order[i - 1]] = q_nd_h[order[i - 1]] + (
+                q_nd_h[order[i - 1]] - q_nd_h[order[partner - 1]]
+            )
+    return merged
+
+
+def slice_state_dict(
+    state: dict[str, torch.Tensor],
+    source: ModelArch,
+    plan: PrunePlan,
+    head_scores: torch.Tensor | None = None,
+    merge_heads: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The pruned model's HF state dict (new layer j comes from source layer plan.layers[j])."""
+    d = source.head_dim
+    ch = plan.channels
+    out: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": _cols(state["model.embed_tokens.weight"], ch),
+        "model.norm.weight": _rows(state["model.norm.weight"], ch),
+    }
+    if "lm_head.weight" in state and not source.tie_embeddings:
+        out["lm_head.weight"] = _cols(state["lm_head.weight"], ch)
+    per_group_new = plan.arch.num_attention_heads // plan.arch.num_query_groups
+    for j, i in enumerate(plan.layers):
+        src, dst = f"model.layers.{i}.", f"model.layers.{j}."
+        heads, groups, neurons = plan.heads[i], plan.groups[i], plan.neurons[i]
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            out[dst + norm + ".weight"] = _rows(state[src + norm + ".weight"], ch)
+        for suffix in ("weight", "bias"):
+            q_name = src + "self_attn.q_proj." + suffix
+            if q_name not in state:
+                continue
+            q = state[q_name]
+            if merge_heads and head_scores is not None:
+                q_nd = merge_pruned_heads(
+                    q.view(source.num_attention_heads, d, *q.shape[1:]),
+                    head_scores[i],
+                    source.num_query_groups,
+                    per_group_new,
+                )
+                q = q_nd.reshape(q.shape)
+            q = _unit_rows(q, heads, d)
+            k = _unit_rows(state[src + "self_attn.k_proj." + suffix], groups, d)
+            v = _unit_rows(state[src + "self_attn.v_proj." + suffix], groups, d)
+            if suffix == "weight":
+                q, k, v = _cols(q, ch), _cols(k, ch), _cols(v, ch)
+            out[dst + "self_attn.q_proj." + suffix] = q
+            out[dst + "self_attn.k_proj." + suffix] = k
+            out[dst + "self_attn.v_proj." + suffix] = v
+        o = _rows(state[src + "self_attn.o_proj.weight"], ch)
+        out[dst + "self_attn.o_proj.weight"] = _cols(
+            o, [h * d + j2 for h in heads for j2 in range(d)]
+        )
+        for name in ("gate_proj", "up_proj"):
+            out[dst + f"mlp.{name}.weight"] = _cols(
+                _rows(state[src + f"mlp.{name}.weight"], neurons), ch
+            )
+        out[dst + "mlp.down_proj.weight"] = _cols(
+            _rows(state[src + "mlp.down_proj.weight"], ch), neurons
+        )
+    return {k: v.contiguous() for k, v in out.items()}

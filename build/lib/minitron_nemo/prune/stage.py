@@ -1,0 +1,281 @@
+"""The prune stage: importance (calibrate or reuse) -> choose architecture -> slice -> re-shard.
+
+Output directory::
+
+    importance.pt        scores of the source (reusable by a second prune with other targets)
+    hf/                  the pruned model as an HF directory
+    ckpt/                the pruned model as a megatron checkpoint at the run's TP/PP
+    prune_report.json    choices, parameter counts, depth scores, timings
+    plots/*.png          importance heat maps, depth scores, parameter counts
+    DONE
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from minitron_nemo import atomic, checkpoint
+from minitron_nemo.config import PruneConfig
+from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
+from minitron_nemo.convert.mcore_to_hf import hf_state_dict_items, write_hf_dir
+from minitron_nemo.data.datasets import DataSpec, build_indices, calibration_indices
+from minitron_nemo.errors import MinitronError
+from minitron_nemo.models.arch import ModelArch
+from minitron_nemo.prune import depth
+from minitron_nemo.prune.importance import collect_importance
+from minitron_nemo.prune.plan import plan_architecture
+from minitron_nemo.prune.select import PrunePlan, select
+from minitron_nemo.prune.slice import slice_state_dict
+from minitron_nemo.report import plots
+from minitron_nemo.runtime.forward import lm_loss
+from minitron_nemo.runtime.launch import run_on_ranks
+
+log = logging.getLogger(__name__)
+
+
+def _calibrate_on_rank(
+    ckpt: Path,
+    data: DataSpec,
+    width_indices: list[int],
+    depth_indices: list[int],
+    cfg: PruneConfig,
+    tp: int,
+    pp: int,
+    want_width: bool,
+    block_sizes: list[int],
+    want_skip: bool,
+    previous: dict | None,
+    out_path: Path,
+) -> None:
+    from minitron_nemo.data.datasets import calibration_reader
+    from minitron_nemo.runtime import distributed
+
+    with distributed.initialize(tp=tp, pp=pp) as ctx:
+        model, arch = checkpoint.load_model(ckpt, use_te=False)
+        reader = calibration_reader(data)
+        if want_width:
+            start = time.time()
+            imp = collect_importance(
+                model,
+                reader.batches(width_indices, cfg.micro_batch_size),
+                len(width_indices),
+                data.seq_length,
+                arch.num_layers,
+                seq=cfg.aggregation_seq,
+                batch=cfg.aggregation_batch,
+            )
+            imp_state = imp.to_state()
+            imp_state["calibration_seconds"] = time.time() - start
+        else:
+            imp_state = dict(previous or {})
+        mbs = cfg.micro_batch_size
+        depth_samples = reader.read(depth_indices)  # a few samples, scored many times
+        if want_skip or block_sizes:
+            imp_state["base_loss"] = lm_loss(model, depth_samples, arch.vocab_size, mbs)
+        if want_skip:
+            imp_state["layer_skip_loss"] = torch.tensor(
+                depth.layer_skip_losses(model, depth_samples, arch.num_layers, arch.vocab_size, mbs)
+            )
+        blocks = dict(imp_state.get("block_loss") or {})
+        for k in block_sizes:
+            blocks[k] = depth.block_losses(
+                model, depth_samples, arch.num_layers, k, arch.vocab_size, mbs
+            )
+        imp_state["block_loss"] = blocks or None
+        if ctx.rank == 0:
+            torch.save(imp_state, out_path)
+
+
+def _load_importance(path: Path) -> dict:
+    state = torch.load(path, weights_only=False)
+    if not isinstance(state, dict) or "heads" not in state:
+        raise MinitronError(f"{path}: not an importance file written by `minitron prune`")
+    return state
+
+
+def choose_layers(source: ModelArch, arch: ModelArch, cfg: PruneConfig, imp: dict) -> list[int]:
+    """Kept layers (ascending) for the target depth."""
+    if cfg.drop_layers is not None:
+        return [i for i in range(source.num_layers) if i not in set(cfg.drop_layers)]
+    k = source.num_layers - arch.num_layers
+    if k == 0:
+        return list(range(source.num_layers))
+    if cfg.depth_method == "block":
+        dropped = depth.best_block(imp["block_loss"][k], k)
+    elif cfg.depth_method == "per_layer":
+        dropped = depth.least_important([float(x) for x in imp["layer_skip_loss"]], k)
+    else:
+        dropped = depth.least_important([float(x) for x in imp["block_importance"]], k)
+    return [i for i in range(source.num_layers) if i not in set(dropped)]
+
+
+def _slice_and_write(
+    ckpt: Path, source: ModelArch, plan: PrunePlan, imp: dict, merge_heads: bool, out_hf: Path
+) -> None:
+    """Load the source (TP=1) in this process, slice every tensor, write an HF directory."""
+    from minitron_nemo.runtime import distributed
+
+    with distributed.initialize(tp=1, pp=1):
+        model, _ = checkpoint.load_model(ckpt, use_te=False)
+        state = {name: t.detach().cpu() for name, t in hf_state_dict_items(model, source)}
+        sliced = slice_state_dict(state, source, plan, imp["heads"], merge_heads)
+        del model, state
+    with atomic.atomic_directory(out_hf) as tmp:
+        write_hf_dir(
+            sliced.items(), plan.arch, checkpoint.checkpoint_dtype(ckpt), tmp, ckpt / "tokenizer"
+        )
+
+
+def param_summary(arch: ModelArch) -> dict[str, int]:
+    total = arch.num_parameters()
+    non_embedding = arch.num_parameters(include_embeddings=False)
+    return {"total": total, "non_embedding": non_embedding, "embedding": total - non_embedding}
+
+
+def run_prune(
+    ckpt: Path,
+    out: Path,
+    cfg: PruneConfig,
+    data: DataSpec,
+    tp: int = 1,
+    pp: int = 1,
+    force: bool = False,
+) -> dict:
+    """Prune the checkpoint `ckpt` into `out`, calibrating on `data.calibration_samples`
+    random samples of the train split (the first `depth_eval_samples` of them score depth)."""
+    checkpoint.require_checkpoint(ckpt)
+    source = ModelArch.load(ckpt / "arch.yaml")
+    source.check_parallel(tp, pp)
+    arch, how = plan_architecture(source, cfg, tp, pp)
+    n_drop = source.num_layers - arch.num_layers
+    build_indices(data, ("calibration",))  # a no-op after the data stage
+    calib = calibration_indices(data)
+    if cfg.depth_eval_samples >= len(calib):
+        raise MinitronError(
+            f"prune.depth_eval_samples ({cfg.depth_eval_samples}) must be smaller than the "
+            f"calibration set (data.calibration_samples = {len(calib)})"
+        )
+    depth_indices, width_indices = calib[: cfg.depth_eval_samples], calib[cfg.depth_eval_samples :]
+    started = time.time()
+    with atomic.atomic_directory(out, force=force) as tmp:
+        imp_path = tmp / "importance.pt"
+        previous = _load_importance(Path(cfg.importance)) if cfg.importance else None
+        if previous is not None and previous["aggregation"] != {
+            "seq": cfg.aggregation_seq,
+            "batch": cfg.aggregation_batch,
+        }:
+            raise MinitronError(
+                f"prune.importance: {cfg.importance} was computed with aggregation "
+                f"{previous['aggregation']}, the recipe asks for seq={cfg.aggregation_seq}, "
+                f"batch={cfg.aggregation_batch}"
+            )
+        # Block losses for k = n_drop: needed to choose by block, and (with depth_scores) for
+        # the report's block vs per-layer comparison; a reused importance file may have them.
+        choose_by_block = cfg.drop_layers is None and cfg.depth_method == "block"
+        have_blocks = (previous or {}).get("block_loss") or {}
+        missing_block = n_drop > 0 and n_drop not in have_blocks
+        block_sizes = [n_drop] if missing_block and (choose_by_block or cfg.depth_scores) else []
+        want_skip = (cfg.depth_scores or cfg.depth_method == "per_layer") and (
+            previous is None or previous.get("layer_skip_loss") is None
+        )
+        if previous is None or block_sizes or want_skip:
+            run_on_ranks(
+                _calibrate_on_rank,
+                tp * pp,
+                ckpt,
+                data,
+                width_indices,
+                depth_indices,
+                cfg,
+                tp,
+                pp,
+                previous is None,
+                block_sizes,
+                want_skip,
+                previous,
+                imp_path,
+            )
+        else:
+            torch.save(previous, imp_path)
+        imp = _load_importance(imp_path)
+        layers = choose_layers(source, arch, cfg, imp)
+        plan = select(source, arch, imp["heads"], imp["neurons"], imp["channels"], layers)
+        _slice_and_write(ckpt, source, plan, imp, cfg.merge_pruned_heads, tmp / "hf")
+        hf_to_mcore(tmp / "hf", tmp / "ckpt", tp=tp, pp=pp)
+        report = _report(source, plan, imp, cfg, how, tmp, time.time() - started)
+    log.info("pruned %s -> %s", ckpt, out)
+    return report
+
+
+def _report(
+    source: ModelArch,
+    plan: PrunePlan,
+    imp: dict,
+    cfg: PruneConfig,
+    how: dict,
+    out: Path,
+    seconds: float,
+) -> dict:
+    plot_dir = out / "plots"
+    plot_dir.mkdir(exist_ok=True)
+    skip = imp.get("layer_skip_loss")
+    blocks = imp.get("block_loss") or {}
+    k = source.num_layers - plan.arch.num_layers
+    comparison = {}
+    if k and skip is not None and k in blocks:
+        comparison = {
+            "block": depth.best_block(blocks[k], k),
+            "block_loss": min(blocks[k]),
+            "per_layer": depth.least_important([float(x) for x in skip], k),
+            "block_importance": depth.least_important(
+                [float(x) for x in imp["block_importance"]], k
+            ),
+        }
+    report = {
+        "source_arch": source.to_dict(),
+        "pruned_arch": plan.arch.to_dict(),
+        "params_before": param_summary(source),
+        "params_after": param_summary(plan.arch),
+        "kept_layers": plan.layers,
+        "dropped_layers": plan.dropped_layers,
+        "depth_method": cfg.depth_method if cfg.drop_layers is None else "drop_layers",
+        "depth_selection_comparison": comparison,
+        "kept_channels": len(plan.channels),
+        "aggregation": imp["aggregation"],
+        "calibration_samples": imp["num_samples"],
+        "seq_length": imp["seq_length"],
+        "calibration_seconds": imp.get("calibration_seconds"),
+        "block_importance": [float(x) for x in imp["block_importance"]],
+        "base_loss": imp.get("base_loss"),
+        "layer_skip_loss": [float(x) for x in skip] if skip is not None else None,
+        "block_loss": {str(kk): v for kk, v in blocks.items()},
+        "merge_pruned_heads": cfg.merge_pruned_heads,
+        "seconds": seconds,
+        **how,
+        "config": asdict(cfg),
+    }
+    (out / "prune_report.json").write_text(json.dumps(report, indent=2))
+    plots.heatmap(imp["heads"], "attention head importance", "head", plot_dir / "heads.png")
+    plots.heatmap(imp["neurons"], "MLP neuron importance", "neuron", plot_dir / "neurons.png")
+    plots.heatmap(
+        imp["channels_per_layer"],
+        "embedding channel importance (per layer norms)",
+        "channel",
+        plot_dir / "channels.png",
+    )
+    plots.depth_scores(
+        [float(x) for x in imp["block_importance"]],
+        [float(x) for x in skip] if skip is not None else None,
+        imp.get("base_loss"),
+        blocks,
+        plan.dropped_layers,
+        plot_dir / "depth.png",
+    )
+    plots.param_counts(param_summary(source), param_summary(plan.arch), plot_dir / "params.png")
+    return report

@@ -1,0 +1,1 @@
+"""Tables and PNG plots of a run."""

@@ -1,0 +1,190 @@
+"""report/ of a run: report.md with the results table, per-stage wall time, and PNGs.
+
+Every number comes from what the stages wrote (eval/results.json, each training's final
+train_state.json and metrics.jsonl, prune_report.json, data.json, stage.json), never from the
+current config: a report always describes the models it shows. Imports neither the training code
+nor megatron.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from minitron_nemo.metrics import read_metrics
+from minitron_nemo.report import plots
+
+TRAINED_MODELS = {"distill": "distilled", "scratch": "scratch (LM, same tokens)"}
+STAGE_ORDER = ("teacher", "data", "correct", "prune", "distill", "scratch", "export", "eval")
+
+
+def results_table(results: dict[str, dict], tokens: dict[str, int]) -> str:
+    """Markdown table: one row per model (params, held-out loss / ppl, each benchmark)."""
+    tasks = sorted({t for r in results.values() for t in r["tasks"]})
+    header = [
+        "model",
+        "params (M)",
+        "held-out loss",
+        "ppl",
+        *[f"{t} acc / acc_norm" for t in tasks],
+        "training tokens",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, r in results.items():
+        cells = [
+            name,
+            f"{r['params'] / 1e6:.1f}",
+            f"{r['heldout_loss']:.3f}",
+            f"{r['heldout_ppl']:.1f}",
+            *[
+                f"{r['tasks'][t]['acc']:.3f} / {r['tasks'][t]['acc_norm']:.3f}"
+                if t in r["tasks"]
+                else "-"
+                for t in tasks
+            ],
+            f"{tokens[name]:,}" if name in tokens else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def training_summary(run_dir: Path, stage: str, seq_length: int) -> dict | None:
+    """Steps, samples and tokens a training stage actually ran (its final checkpoint)."""
+    pointer = run_dir / stage / "final.txt"
+    if not pointer.is_file():
+        return None
+    final = run_dir / pointer.read_text().strip()
+    state = json.loads((final / "train_state.json").read_text())
+    config = _json(run_dir / stage / "distill_config.json") or {}
+    return {
+        "steps": state["step"],
+        "samples": state["consumed_samples"],
+        "tokens": state["consumed_samples"] * seq_length,
+        "global_batch_size": config.get("global_batch_size"),
+        "kl": config.get("kl"),
+        "temperature": config.get("temperature"),
+    }
+
+
+def write_report(run_dir: Path, out: Path) -> str:
+    """Write report.md, results.json and the PNGs of the run in `run_dir` into `out`."""
+    run_dir = Path(run_dir)
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    data = json.loads((run_dir / "data" / "data.json").read_text())
+    seq = data["seq_length"]
+    trainings = {
+        stage: summary
+        for stage in TRAINED_MODELS
+        if (summary := training_summary(run_dir, stage, seq)) is not None
+    }
+    tokens = {TRAINED_MODELS[stage]: s["tokens"] for stage, s in trainings.items()}
+    table = results_table(results, tokens)
+    seconds = {
+        stage: record["seconds"]
+        for stage in STAGE_ORDER
+        if (record := _json(run_dir / stage / "stage.json")) and "seconds" in record
+    }
+    timing = "\n".join(
+        ["| stage | wall time (s) |", "|---|---|"]
+        + [f"| {k} | {v:.1f} |" for k, v in seconds.items()]
+    )
+    images = _curves(run_dir, trainings, seq, out)
+    for png in sorted((run_dir / "prune" / "plots").glob("*.png")):
+        shutil.copy2(png, out / f"prune_{png.name}")
+        images.append(f"prune_{png.name}")
+    prune_report = json.loads((run_dir / "prune" / "prune_report.json").read_text())
+    teacher = (_json(run_dir / "teacher" / "stage.json") or {}).get("inputs", {}).get("teacher")
+    arch_line = ", ".join(
+        f"{k} {prune_report['source_arch'][k]} -> {prune_report['pruned_arch'][k]}"
+        for k in (
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "num_layers",
+        )
+        if prune_report["source_arch"][k] != prune_report["pruned_arch"][k]
+    )
+    dropped = prune_report["dropped_layers"]
+    lines = [
+        f"# minitron run: {run_dir.resolve().name}",
+        "",
+        f"Teacher: `{teacher}`. Pruned: {arch_line or 'no change'}"
+        + (f"; dropped layers {dropped}" if dropped else "")
+        + ".",
+    ]
+    if "distill" in trainings:
+        kd = trainings["distill"]
+        lines.append(
+            f"Distillation: {kd['steps']} steps x {kd['global_batch_size']} samples x {seq} "
+            f"tokens = {kd['tokens']:,} tokens; KD {kd['kl']} KL, T = {kd['temperature']}."
+        )
+    md = [
+        *lines,
+        "",
+        "## Results",
+        "",
+        table,
+        "",
+        "## Wall time per stage",
+        "",
+        timing,
+        "",
+        "## Plots",
+        "",
+        *[f"![{name}]({name})" for name in images],
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(md))
+    (out / "results.json").write_text(
+        json.dumps(
+            {"results": results, "seconds": seconds, "tokens": tokens, "trainings": trainings},
+            indent=2,
+        )
+    )
+    return table + "\n\n" + timing
+
+
+def _curves(run_dir: Path, trainings: dict, seq: int, out: Path) -> list[str]:
+    """Student LM loss under KD vs scratch, and the KD loss, against tokens seen."""
+    kd = read_metrics(run_dir / "distill")
+    if not kd or "distill" not in trainings:
+        return []
+    step_tokens = trainings["distill"]["global_batch_size"] * seq
+    series = {
+        "distillation (student LM loss)": (
+            [m["step"] * step_tokens for m in kd],
+            [m.get("loss_lm", float("nan")) for m in kd],
+        )
+    }
+    scratch = read_metrics(run_dir / "scratch") if "scratch" in trainings else []
+    if scratch:
+        series["scratch (LM loss)"] = (
+            [m["step"] * step_tokens for m in scratch],
+            [m["loss_lm"] for m in scratch],
+        )
+    plots.curves(
+        series,
+        "training LM loss: distilled student vs scratch",
+        "tokens",
+        "cross entropy",
+        out / "kd_vs_scratch.png",
+    )
+    plots.curves(
+        {
+            "KD loss (KL teacher || student)": (
+                [m["step"] * step_tokens for m in kd],
+                [m.get("loss_logits", m["loss"]) for m in kd],
+            )
+        },
+        "distillation loss",
+        "tokens",
+        "loss",
+        out / "kd_loss.png",
+    )
+    return ["kd_vs_scratch.png", "kd_loss.png"]

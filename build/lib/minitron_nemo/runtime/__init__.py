@@ -1,0 +1,1 @@
+"""Distributed runtime: process groups, device selection and the CPU compatibility layer."""

@@ -1,0 +1,134 @@
+"""One place that starts and stops torch.distributed + megatron parallel state.
+
+Usage::
+
+    with distributed.initialize(tp=2, pp=1) as ctx:
+        ...  # ctx.rank, ctx.tp_rank, ctx.device
+
+Launched by torchrun the usual env (RANK, WORLD_SIZE, MASTER_ADDR, ...) is used; a plain
+`python` process becomes a world of one. Backend: nccl with CUDA, gloo otherwise. On an
+exception the process group is aborted so peers fail fast instead of hanging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from minitron_nemo.errors import MinitronError
+from minitron_nemo.runtime import cpu_compat
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Where this process sits in the TP x PP x DP grid."""
+
+    rank: int
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    device: torch.device
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
+def free_port() -> int:
+    """A TCP port that is free on localhost right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _device(local_rank: int) -> torch.device:
+    if cpu_compat.cuda_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> Iterator[ParallelContext]:
+    """Initialise torch.distributed and megatron parallel state; tear both down on exit."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    cpu_compat.install()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size % (tp * pp) != 0:
+        raise MinitronError(
+            f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel "
+            f"= {tp} x {pp}"
+        )
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if world_size > 1:
+            raise MinitronError("MASTER_PORT is not set for a multi-process run (use torchrun)")
+        os.environ["MASTER_PORT"] = str(free_port())
+    device = _device(local_rank)
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=30),
+        )
+    failed = False
+    try:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        )
+        # On CPU this uses cpu_compat's tracker (CPU generator states, see there).
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        torch.manual_seed(seed)
+        yield ParallelContext(
+            rank=rank,
+            world_size=world_size,
+            tp=tp,
+            pp=pp,
+            dp=world_size // (tp * pp),
+            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+            pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+            dp_rank=parallel_state.get_data_parallel_rank(),
+            device=device,
+        )
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        parallel_state.destroy_model_parallel()
+        if owns_group and dist.is_initialized():
+            if failed and world_size > 1:
+                _abort_process_group()
+            else:
+                dist.destroy_process_group()
+        if os.environ.get("WORLD_SIZE") is None:
+            os.environ.pop("MASTER_PORT", None)
+
+
+def _abort_process_group() -> None:
+    """Abort communicators so peers blocked in a collective fail instead of hanging."""
+    from torch.distributed import distributed_c10d
+
+    try:
+        distributed_c10d._abort_process_group()  # no public API for this in torch 2.14
+    except Exception:  # noqa: BLE001 - best effort while already failing
+        dist.destroy_process_group()

@@ -1,0 +1,106 @@
+"""Run a function on N ranks.
+
+By default the ranks are local processes started with the spawn method (a world of one runs in
+this process). With MINITRON_LAUNCHER set, they are started by torchrun instead, prefixed by
+that command for multi-node jobs, e.g. under Slurm
+``MINITRON_LAUNCHER="srun --nodes={nodes} --relative=0 --ntasks-per-node=1"`` with
+MINITRON_PROCS_PER_NODE=8 (GPUs per node) and MINITRON_RDZV_ENDPOINT=<first node>:29500: a
+stage of N ranks uses ceil(N / 8) nodes, one torchrun each, with a c10d rendezvous;
+``MINITRON_LAUNCHER=torchrun`` runs torchrun on this node only. The job (function + arguments)
+travels as a pickle file in MINITRON_JOB_DIR (default: the current directory; it must be on a
+filesystem every node sees).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shlex
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from minitron_nemo.errors import MinitronError
+from minitron_nemo.runtime import cpu_compat
+from minitron_nemo.runtime.distributed import free_port
+
+
+def _rank_entry(
+    local_rank: int, fn: Callable[..., Any], nprocs: int, port: int, args: tuple
+) -> None:
+    os.environ.update(
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(nprocs),
+        LOCAL_WORLD_SIZE=str(nprocs),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    if not cpu_compat.cuda_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
+    fn(*args)
+
+
+def run_on_ranks(fn: Callable[..., Any], nprocs: int, *args: Any) -> None:
+    """Call `fn(*args)` on `nprocs` ranks; they find each other through env:// on localhost.
+
+    `fn` must be importable (module level): ranks are started with the spawn method.
+    """
+    if nprocs == 1 and "WORLD_SIZE" not in os.environ:
+        fn(*args)
+        return
+    launcher = os.environ.get("MINITRON_LAUNCHER")
+    if launcher:
+        run_with_torchrun(fn, nprocs, args, launcher)
+        return
+    mp.start_processes(
+        _rank_entry, args=(fn, nprocs, free_port(), args), nprocs=nprocs, start_method="spawn"
+    )
+
+
+def run_with_torchrun(fn: Callable[..., Any], nprocs: int, args: tuple, launcher: str) -> None:
+    """Start `nprocs` ranks with torchrun (behind `launcher` unless it is just "torchrun")."""
+    per_node = int(os.environ.get("MINITRON_PROCS_PER_NODE", nprocs))
+    nnodes = -(-nprocs // per_node)
+    if nprocs % nnodes:
+        raise MinitronError(
+            f"{nprocs} ranks cannot be spread evenly over {nnodes} nodes of {per_node} processes"
+        )
+    endpoint = os.environ.get("MINITRON_RDZV_ENDPOINT") or f"127.0.0.1:{free_port()}"
+    job_dir = Path(os.environ.get("MINITRON_JOB_DIR", "."))
+    job_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        dir=job_dir, prefix=".minitron-job-", suffix=".pkl", delete=False
+    ) as fh:
+        pickle.dump((fn, args), fh)
+        job = fh.name
+    prefix = [] if launcher.strip() == "torchrun" else shlex.split(launcher.format(nodes=nnodes))
+    cmd = [
+        *prefix,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={nnodes}",
+        f"--nproc-per-node={nprocs // nnodes}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}",
+        f"--rdzv-id={uuid.uuid4().hex[:12]}",
+        "-m",
+        "minitron_nemo.runtime.rank_main",
+        job,
+    ]
+    try:
+        result = subprocess.run(cmd)
+    finally:
+        os.unlink(job)
+    if result.returncode != 0:
+        raise MinitronError(
+            f"ranks failed (exit code {result.returncode}); command: {shlex.join(cmd)}"
+        )
