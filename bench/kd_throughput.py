@@ -1,10 +1,14 @@
-"""One KD step (teacher forward + student forward/backward + KD loss + optimizer) of our
-megatron stack against a plain HF-transformers KD loop on the same shapes, device and run.
+"""One KD step (teacher forward + student forward/backward + KD loss + optimizer) of our megatron
+stack against a plain HF-transformers KD loop, same shapes, device and data.
 
-usage: .venv/bin/python bench/kd_throughput.py [--teacher smollm2|HF_DIR] [--student HF_DIR]
-           [--seq 128] [--mbs 4] [--steps 6] [--dtype fp32|bf16]
-Without --student the teacher is width-pruned (hidden x0.75, MLP x0.5) by plain slicing.
-Reports tokens/s, MFU against a measured matmul peak, and peak memory.
+usage: .venv/bin/python bench/kd_throughput.py [--shape smollm2|1.2b|8b] [--seq 128] [--mbs 4]
+           [--steps 6] [--dtype fp32|bf16] [--work DIR]
+  smollm2: SmolLM2-135M-Instruct (real weights) -> width-pruned student (hidden x0.75, MLP x0.5)
+  1.2b:    random Llama-3.2-1B shapes -> random 0.74B student (hidden 1536, MLP 6144)
+  8b:      random Llama-3.1-8B shapes -> random Minitron-4B-Width student (hidden 3072, MLP 9216)
+Each loop runs in its own process (peak memory is its own: max RSS on CPU, max allocated on
+GPU); the HF loop runs before and after ours and their mean is the baseline, because the speed
+of a shared machine drifts over a run. Prints one JSON object: tokens/s, MFU, peak memory.
 """
 
 from __future__ import annotations
@@ -12,27 +16,36 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import tempfile
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    reps = 50 if device.type == "cuda" else 10
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+LLAMA3 = dict(
+    vocab_size=128256,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    rope_theta=500000.0,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    bos_token_id=128000,
+    eos_token_id=128001,
+)
+SHAPES = {  # teacher, student (random weights)
+    "1.2b": (
+        dict(LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+             head_dim=64, tie_word_embeddings=True),
+        dict(hidden_size=1536, intermediate_size=6144),
+    ),
+    "8b": (
+        dict(LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+             head_dim=128, tie_word_embeddings=False),
+        dict(hidden_size=3072, intermediate_size=9216),
+    ),
+}  # fmt: skip
 
 
 def sync(device: torch.device) -> None:
@@ -46,17 +59,120 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def hf_kd_step_rate(
-    teacher_dir: Path, student_dir: Path, data: torch.Tensor, args, device, dtype
-) -> dict:
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps = 20 if device.type == "cuda" else 10
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def random_llama(out: Path, config: dict, dtype: torch.dtype, seed: int) -> Path:
+    """An HF Llama directory with random weights (no download)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model("llama", **config)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.save_pretrained(out)
+    return out
+
+
+def random_token_data(root: Path, vocab: int, args):
+    """An indexed dataset of random token documents, enough for both loops' steps."""
+    import numpy
+
+    from minitron_nemo.data.datasets import DataSpec, build_indices
+    from minitron_nemo.data.indexed import IndexedWriter, token_dtype
+
+    samples = args.steps * args.mbs + 64
+    tokens = numpy.random.default_rng(0).integers(0, vocab, samples * (args.seq + 1))
+    writer = IndexedWriter(root / "random", token_dtype(vocab))
+    writer.add_documents(tokens, numpy.full(samples, args.seq + 1))
+    writer.finalize()
+    spec = DataSpec(
+        prefixes=(str(root / "random"),),
+        weights=(1.0,),
+        split="1,0,0",
+        seq_length=args.seq,
+        seed=0,
+        cache_dir=str(root / "cache"),
+        vocab_size=vocab,
+        eod=0,
+        heldout_samples=0,
+        calibration_samples=3,
+    )
+    build_indices(spec, ("calibration",))
+    return spec
+
+
+def prepare(args, work: Path) -> dict:
+    """Teacher and student as HF directories and megatron checkpoints, and the data."""
+    from minitron_nemo.config import PruneConfig
+    from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
+    from minitron_nemo.data.sources import smollm2_hf_dir
+    from minitron_nemo.models.arch import ModelArch
+    from minitron_nemo.prune.stage import run_prune
+
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if args.shape == "smollm2":
+        teacher_hf = smollm2_hf_dir()
+    else:
+        teacher_cfg, _ = SHAPES[args.shape]
+        teacher_hf = random_llama(work / "teacher_hf", teacher_cfg, dtype, seed=1)
+    hf_to_mcore(teacher_hf, work / "teacher", dtype=args.dtype)
+    arch = ModelArch.load(work / "teacher" / "arch.yaml")
+    data = random_token_data(work / "data", arch.vocab_size, args)
+    if args.shape == "smollm2":
+        hidden = arch.hidden_size * 3 // 4 // arch.num_attention_heads * arch.num_attention_heads
+        targets = PruneConfig(
+            hidden_size=hidden,
+            ffn_hidden_size=arch.ffn_hidden_size // 2,
+            depth_scores=False,
+            depth_eval_samples=1,
+        )
+        run_prune(work / "teacher", work / "prune", targets, data)
+        student_ckpt, student_hf = work / "prune" / "ckpt", work / "prune" / "hf"
+    else:
+        teacher_cfg, student_sizes = SHAPES[args.shape]
+        student_hf = random_llama(work / "student_hf", {**teacher_cfg, **student_sizes}, dtype, 2)
+        hf_to_mcore(student_hf, work / "student", dtype=args.dtype)
+        student_ckpt = work / "student"
+    return {
+        "teacher_hf": str(teacher_hf),
+        "student_hf": str(student_hf),
+        "teacher_ckpt": str(work / "teacher"),
+        "student_ckpt": str(student_ckpt),
+        "data": data.__dict__,
+    }
+
+
+def run_hf(args, paths: dict) -> dict:
+    import dataclasses
+
+    from minitron_nemo.data.datasets import DataSpec, SampleReader, build_indices
     from minitron_nemo.eval.lm import load_hf_model
 
-    teacher = load_hf_model(teacher_dir, dtype).to(device).eval()
-    student = load_hf_model(student_dir, dtype).to(device).train()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    data = DataSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in paths["data"].items()})
+    data = dataclasses.replace(data, train_samples=args.steps * args.mbs)
+    build_indices(data, ("train",))
+    reader = SampleReader(data, "train")  # the same samples, in the same order, as ours
+    teacher = load_hf_model(Path(paths["teacher_hf"]), dtype).to(device).eval()
+    student = load_hf_model(Path(paths["student_hf"]), dtype).to(device).train()
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=device.type == "cuda")
     times = []
     for step in range(args.steps):
-        batch = data[step * args.mbs : (step + 1) * args.mbs].to(device)
+        batch = reader.read(range(step * args.mbs, (step + 1) * args.mbs)).to(device)
         sync(device)
         start = time.perf_counter()
         with torch.no_grad():
@@ -76,102 +192,94 @@ def hf_kd_step_rate(
     step_time = sum(times[1:]) / len(times[1:])
     return {
         "tokens_per_s": args.mbs * args.seq / step_time,
-        "step_s": step_time,
         "peak_memory_gib": peak_memory_gib(device),
     }
 
 
-def main() -> None:
-    from minitron_nemo.config import DistillConfig, PruneConfig
-    from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
-    from minitron_nemo.data.sources import smollm2_hf_dir
+def run_ours(args, paths: dict, work: Path) -> dict:
+    import shutil
+
+    from minitron_nemo.config import DistillConfig
+    from minitron_nemo.data.datasets import DataSpec
     from minitron_nemo.distill.train import train
     from minitron_nemo.metrics import read_metrics
-    from minitron_nemo.models.arch import ModelArch
-    from minitron_nemo.prune.stage import run_prune
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = DataSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in paths["data"].items()})
+    cfg = DistillConfig(
+        steps=args.steps,
+        global_batch_size=args.mbs,
+        micro_batch_size=args.mbs,
+        warmup_steps=1,
+        save_every=10**9,
+        kd_chunk_tokens=args.kd_chunk_tokens,
+        clip_grad=0.0,  # the HF loop does not clip either
+    )
+    shutil.rmtree(work / "kd", ignore_errors=True)
+    train(Path(paths["student_ckpt"]), work / "kd", cfg, data, Path(paths["teacher_ckpt"]))
+    rates = [m["tokens_per_s"] for m in read_metrics(work / "kd")][1:]
+    return {"tokens_per_s": sum(rates) / len(rates), "peak_memory_gib": peak_memory_gib(device)}
+
+
+def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--teacher", default="smollm2")
-    parser.add_argument("--student", type=Path, default=None)
+    parser.add_argument("--shape", default="smollm2", choices=["smollm2", *SHAPES])
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--mbs", type=int, default=4)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--kd-chunk-tokens", type=int, default=4096)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/minitron_kd_bench"))
+    parser.add_argument("--role", choices=["hf", "ours"])
     args = parser.parse_args()
+    paths_file = args.work / "paths.json"
+    if args.role:  # one loop, in this process
+        paths = json.loads(paths_file.read_text())
+        result = run_hf(args, paths) if args.role == "hf" else run_ours(args, paths, args.work)
+        print("RESULT " + json.dumps(result))
+        return
+    from minitron_nemo.models.arch import ModelArch
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    paths = prepare(args, args.work)
+    paths_file.write_text(json.dumps(paths))
+
+    def role(name: str) -> dict:
+        cmd = [sys.executable, __file__, "--role", name, *sys.argv[1:]]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        return json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
+
+    hf_before, ours, hf_after = role("hf"), role("ours"), role("hf")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    teacher_hf = smollm2_hf_dir() if args.teacher == "smollm2" else Path(args.teacher)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        hf_to_mcore(teacher_hf, tmp / "teacher", dtype=args.dtype)
-        arch = ModelArch.load(tmp / "teacher" / "arch.yaml")
-        vocab = arch.vocab_size
-        data = torch.randint(
-            0,
-            vocab,
-            (args.steps * args.mbs + 64, args.seq + 1),
-            generator=torch.Generator().manual_seed(0),
-        )
-        if args.student is None:
-            hidden = (
-                arch.hidden_size * 3 // 4 // arch.num_attention_heads * arch.num_attention_heads
-            )
-            run_prune(
-                tmp / "teacher",
-                tmp / "prune",
-                PruneConfig(
-                    hidden_size=hidden,
-                    ffn_hidden_size=arch.ffn_hidden_size // 2,
-                    depth_scores=False,
-                    depth_eval_samples=1,
-                ),
-                data[:3],
-            )
-            student_ckpt, student_hf = tmp / "prune" / "ckpt", tmp / "prune" / "hf"
-        else:
-            student_hf = args.student
-            hf_to_mcore(student_hf, tmp / "student", dtype=args.dtype)
-            student_ckpt = tmp / "student"
-        peak = matmul_peak_flops(device, dtype)
-        t_params = arch.num_parameters()
-        s_params = ModelArch.load(student_ckpt / "arch.yaml").num_parameters()
-        flops_per_token = 2 * t_params + 6 * s_params  # matmul FLOPs, attention scores ignored
-        hf = hf_kd_step_rate(teacher_hf, student_hf, data, args, device, dtype)
-        cfg = DistillConfig(
-            steps=args.steps,
-            global_batch_size=args.mbs,
-            micro_batch_size=args.mbs,
-            warmup_steps=1,
-            save_every=10**9,
-            kd_chunk_tokens=1024,
-        )
-        start = time.perf_counter()
-        train(student_ckpt, tmp / "kd", cfg, data, tmp / "teacher")
-        wall = time.perf_counter() - start
-        rates = [m["tokens_per_s"] for m in read_metrics(tmp / "kd")][1:]
-        ours = {
-            "tokens_per_s": sum(rates) / len(rates),
-            "peak_memory_gib": peak_memory_gib(device),
-            "wall_s_incl_startup": wall,
-        }
+    peak = matmul_peak_flops(device, dtype)
+    t_arch = ModelArch.load(Path(paths["teacher_ckpt"]) / "arch.yaml")
+    s_arch = ModelArch.load(Path(paths["student_ckpt"]) / "arch.yaml")
+    flops_per_token = 2 * t_arch.num_parameters() + 6 * s_arch.num_parameters()
+    hf = {
+        "tokens_per_s": (hf_before["tokens_per_s"] + hf_after["tokens_per_s"]) / 2,
+        "tokens_per_s_before_after": [hf_before["tokens_per_s"], hf_after["tokens_per_s"]],
+        "peak_memory_gib": max(hf_before["peak_memory_gib"], hf_after["peak_memory_gib"]),
+    }
     for result in (hf, ours):
         result["mfu"] = result["tokens_per_s"] * flops_per_token / peak
     print(
         json.dumps(
             {
                 "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                "shape": args.shape,
                 "dtype": args.dtype,
                 "seq": args.seq,
                 "micro_batch": args.mbs,
-                "teacher_params": t_params,
-                "student_params": s_params,
+                "teacher_params": t_arch.num_parameters(),
+                "student_params": s_arch.num_parameters(),
                 "matmul_peak_tflops": peak / 1e12,
                 "hf": hf,
                 "minitron": ours,
                 "speedup": ours["tokens_per_s"] / hf["tokens_per_s"],
-                "note": "on CPU peak memory is the process max RSS (both runs in one process)",
+                "memory_ratio": ours["peak_memory_gib"] / hf["peak_memory_gib"],
             },
             indent=2,
         )

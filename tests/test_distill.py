@@ -17,7 +17,8 @@ import torch
 from minitron_nemo.checkpoint import load_model
 from minitron_nemo.config import DistillConfig
 from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
-from minitron_nemo.distill.train import latest_checkpoint, train
+from minitron_nemo.distill.checkpoints import latest_checkpoint
+from minitron_nemo.distill.train import train
 from minitron_nemo.errors import MinitronError
 from minitron_nemo.metrics import read_metrics
 from minitron_nemo.runtime import distributed
@@ -158,7 +159,7 @@ def test_resume_after_sigkill_is_bitwise_identical(models, data, tmp_path):
     cfg = _cfg(steps=6, save_every=2)
     train(models / "student", tmp_path / "full", cfg, data, models / "teacher")
     spec = _spec(models, data, tmp_path / "killed", cfg)
-    rc = _run_subprocess(spec, tmp_path / "spec.json", {"MINITRON_TEST_KILL_AFTER_STEP": "3"})
+    rc = _run_subprocess({**spec, "kill_after_step": 3}, tmp_path / "spec.json")
     assert rc != 0  # killed
     assert latest_checkpoint(tmp_path / "killed" / "checkpoints").name == "step_000002"
     assert _run_subprocess(spec, tmp_path / "spec.json") == 0  # resumes from step 2
@@ -171,7 +172,7 @@ def test_resume_after_sigkill_is_bitwise_identical(models, data, tmp_path):
 def test_half_written_checkpoint_is_never_picked_up(models, data, tmp_path):
     cfg = _cfg(steps=6, save_every=2)
     spec = _spec(models, data, tmp_path / "run", cfg)
-    rc = _run_subprocess(spec, tmp_path / "spec.json", {"MINITRON_TEST_KILL_DURING_SAVE": "4"})
+    rc = _run_subprocess({**spec, "kill_during_save": 4}, tmp_path / "spec.json")
     assert rc != 0
     ckpts = tmp_path / "run" / "checkpoints"
     assert (ckpts / ".step_000004.incomplete").is_dir()  # the half-written one is there...
@@ -192,7 +193,7 @@ def test_lm_mode_trains_without_teacher(models, tmp_path):
 
 
 def test_refusals(models, data, tmp_path):
-    with pytest.raises(MinitronError, match=r"distill\.fp8 = 'hybrid' needs TransformerEngine"):
+    with pytest.raises(MinitronError, match=r"fp8 = 'hybrid' needs TransformerEngine"):
         train(models / "student", tmp_path / "a", _cfg(fp8="hybrid"), data, models / "teacher")
     with pytest.raises(MinitronError, match="teacher checkpoint is required"):
         train(models / "student", tmp_path / "b", _cfg(), data, None)

@@ -1,0 +1,202 @@
+"""The trainer for long runs: preemption -> save -> exit 0 -> bitwise resume; checkpoint
+retention; the non-finite guard; disk full; metrics every log_every steps; recompute."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from minitron_nemo.config import DistillConfig
+from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
+from minitron_nemo.distill.checkpoints import complete_steps, kept_steps, latest_checkpoint
+from minitron_nemo.distill.train import train
+from minitron_nemo.distill.trainer import TrainHooks
+from minitron_nemo.errors import MinitronError
+from minitron_nemo.metrics import read_metrics
+from tests.fault_hooks import nan_at
+from tests.helpers import REPO, make_tiny_hf, random_documents, token_data_spec
+from tests.test_distill import _weights
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    make_tiny_hf("llama", root / "teacher_hf", seed=1)
+    hf_to_mcore(root / "teacher_hf", root / "teacher")
+    make_tiny_hf("llama", root / "student_hf", seed=2, intermediate_size=64, num_hidden_layers=2)
+    hf_to_mcore(root / "student_hf", root / "student")
+    data = token_data_spec(root / "data", random_documents(30, 25), seq_length=16)
+    return root, data
+
+
+def _cfg(**overrides) -> DistillConfig:
+    base = dict(
+        steps=6, global_batch_size=4, micro_batch_size=2, lr=3e-3, min_lr=3e-4,
+        warmup_steps=1, save_every=2, kd_chunk_tokens=7,
+    )  # fmt: skip
+    base.update(overrides)
+    return DistillConfig(**base)
+
+
+def _train(setup, out: Path, cfg: DistillConfig, **kwargs) -> Path:
+    root, data = setup
+    return train(root / "student", out, cfg, data, root / "teacher", **kwargs)
+
+
+def test_sigterm_saves_exits_zero_and_resumes_bitwise(setup, tmp_path):
+    """SIGTERM to the launching process mid-run (DP = 2: forwarded to both ranks, which agree
+    on the step): it saves, exits 0 with one line; rerunning resumes to the same weights."""
+    root, data = setup
+    cfg = _cfg(steps=24, save_every=100)
+    _train(setup, tmp_path / "full", cfg, dp=2)
+    spec = {
+        "student": str(root / "student"),
+        "teacher": str(root / "teacher"),
+        "out": str(tmp_path / "run"),
+        "cfg": dataclasses.asdict(cfg),
+        "data": dataclasses.asdict(data),
+        "dp": 2,
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    cmd = [sys.executable, str(REPO / "tests/scripts/run_train.py"), str(tmp_path / "spec.json")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+        metrics.is_file() and len(read_metrics(metrics.parent)) >= 3
+    ):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    stopped = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    step = int(stopped.name.split("_")[1])
+    assert 3 <= step < 24, output
+    assert f"stopped at step {step}; rerun the same command to resume" in output
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0  # resume
+    full = read_metrics(tmp_path / "full")
+    resumed = read_metrics(tmp_path / "run")
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in full]
+    w_full = _weights(tmp_path / "full" / "checkpoints" / "step_000024")
+    w_res = _weights(tmp_path / "run" / "checkpoints" / "step_000024")
+    assert all(torch.equal(w_res[k], w_full[k]) for k in w_full)
+
+
+def test_retention_keeps_the_last_k_and_every_mth():
+    assert kept_steps([1, 2, 3, 4, 5, 6], keep_last=2, keep_every=None) == {5, 6}
+    assert kept_steps([1, 2, 3, 4, 5, 6], keep_last=2, keep_every=4) == {4, 5, 6}
+    assert kept_steps([3], keep_last=1, keep_every=None) == {3}  # the newest always stays
+
+
+def test_retention_in_a_run(setup, tmp_path):
+    _train(setup, tmp_path, _cfg(steps=7, save_every=1, keep_last=2, keep_every=3))
+    steps = [s for s, _ in complete_steps(tmp_path / "checkpoints")]
+    assert steps == [3, 6, 7]
+    assert not list((tmp_path / "checkpoints").glob(".*incomplete"))
+
+
+def test_a_nan_step_is_skipped_and_logged(setup, tmp_path):
+    hooks = TrainHooks(poison_grads=lambda step: nan_at((3,), step))
+    final = _train(setup, tmp_path, _cfg(), hooks=hooks)
+    metrics = read_metrics(tmp_path)
+    assert [m["skipped_steps"] for m in metrics] == [0, 0, 1, 1, 1, 1]
+    assert metrics[2]["grad_norm"] != metrics[2]["grad_norm"]  # NaN: no update that step
+    # The skipped step did not touch the weights, the optimizer or the LR schedule: the next
+    # step trains at the LR the skipped one would have used.
+    assert metrics[3]["lr"] == metrics[2]["lr"]
+    weights = _weights(final)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_repeated_nans_stop_cleanly_and_keep_the_last_good_checkpoint(setup, tmp_path):
+    hooks = TrainHooks(poison_grads=lambda step: nan_at((3, 4, 5), step))
+    with pytest.raises(MinitronError) as err:
+        _train(setup, tmp_path, _cfg(max_nonfinite_steps=3), hooks=hooks)
+    message = str(err.value)
+    assert "3 steps in a row with a non-finite loss or gradient (steps 3-5, skipped)" in message
+    # Step 4's save holds the weights of step 2 (skipped steps change nothing) and resumes past
+    # the bad batches; the run stopped at step 5 without saving.
+    assert "stopped at step 5" in message and "step_000004" in message
+    assert [s for s, _ in complete_steps(tmp_path / "checkpoints")] == [2, 4]
+    w2, w4 = (_weights(tmp_path / f"checkpoints/step_00000{i}") for i in (2, 4))
+    assert all(torch.equal(w2[k], w4[k]) and torch.isfinite(w4[k]).all() for k in w2)
+
+
+def test_save_into_a_full_disk_is_one_line_and_keeps_earlier_checkpoints(
+    setup, tmp_path, monkeypatch
+):
+    from megatron.core import dist_checkpointing
+
+    from minitron_nemo.runtime import diskspace
+
+    real_save = dist_checkpointing.save
+    calls = {"n": 0}
+
+    def save_then_fill_disk(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second save runs out of space half way
+            monkeypatch.setattr(diskspace, "free_bytes", lambda path: 0)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(dist_checkpointing, "save", save_then_fill_disk)
+    with pytest.raises(
+        MinitronError,
+        match=r"checkpoints: not enough disk space \(0\.00 GB free, about 0\.\d+ GB needed\)",
+    ):
+        _train(setup, tmp_path, _cfg())
+    assert [s for s, _ in complete_steps(tmp_path / "checkpoints")] == [2]  # intact
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step_000002"
+
+
+def test_conversion_refuses_a_disk_too_small(tmp_path, monkeypatch):
+    from minitron_nemo.runtime import diskspace
+
+    hf = make_tiny_hf("llama", tmp_path / "hf")
+    monkeypatch.setattr(diskspace, "free_bytes", lambda path: 1000)
+    with pytest.raises(MinitronError, match=r"not enough disk space \(0\.00 GB free, about"):
+        hf_to_mcore(hf, tmp_path / "mc")
+    assert not (tmp_path / "mc").exists() and not list(tmp_path.glob(".mc*"))
+
+
+def test_metrics_every_log_every_steps(setup, tmp_path):
+    _train(setup, tmp_path, _cfg(steps=7, log_every=3, lm_weight=0.5))
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [3, 6, 7]
+    keys = {"loss", "loss_logits", "loss_lm", "lr", "grad_norm", "tokens_per_s", "mfu",
+            "peak_memory_gib", "step_time_s", "data_time_s", "skipped_steps"}  # fmt: skip
+    assert all(keys <= set(m) for m in metrics), metrics[0].keys()
+    first = metrics[0]
+    assert first["loss"] == pytest.approx(first["loss_logits"] + 0.5 * first["loss_lm"], rel=1e-6)
+    assert 0 < first["mfu"] < 1 and first["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_recompute_gives_the_same_training(setup, tmp_path, recompute):
+    _train(setup, tmp_path / "plain", _cfg(steps=3, save_every=3))
+    _train(setup, tmp_path / "re", _cfg(steps=3, save_every=3, recompute=recompute))
+    assert [m["loss"] for m in read_metrics(tmp_path / "re")] == [
+        m["loss"] for m in read_metrics(tmp_path / "plain")
+    ]
+
+
+def test_gpu_only_options_are_refused_on_this_machine(setup, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(MinitronError, match="async_save needs a GPU and nvidia-resiliency-ext"):
+        _train(setup, tmp_path, _cfg(async_save=True))
+    with pytest.raises(MinitronError, match="transformer_engine = on: TransformerEngine is not"):
+        _train(setup, tmp_path, _cfg(transformer_engine="on"))
