@@ -241,8 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from minitron_nemo.errors import Stopped
+
     try:
         args.func(args)
+    except Stopped as exc:  # preempted after saving: the job's requeue resumes it
+        print(str(exc), file=sys.stderr)
+        return 0
     except MinitronError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

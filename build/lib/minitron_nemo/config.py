@@ -80,9 +80,13 @@ class ParallelConfig:
     """Pipeline parallel size."""
     dp: int = 1
     """Data parallel size (distillation); world size = tp x pp x dp."""
+    sequence_parallel: bool = False
+    """megatron sequence parallelism at tp > 1 (GPU: its collectives need NCCL)."""
 
     def __post_init__(self) -> None:
         _positive(self, "parallel", "tp", "pp", "dp")
+        if self.sequence_parallel and self.tp == 1:
+            raise MinitronError("parallel.sequence_parallel needs parallel.tp > 1")
 
 
 @dataclass
@@ -191,16 +195,52 @@ class DistillConfig:
     kd_chunk_tokens: int = 1024
     """Tokens per chunk of the KD loss (bounds the fp32 softmax memory)."""
     save_every: int = 50
+    keep_last: int = 2
+    """Complete checkpoints kept (older ones are deleted after each save; never the newest)."""
+    keep_every: int | None = None
+    """Also keep every checkpoint whose step is a multiple of this."""
+    async_save: bool | None = None
+    """megatron's asynchronous dist-checkpoint save (None: on GPU)."""
     log_every: int = 1
+    """Steps between metric lines (loss terms are read from the device only then)."""
+    max_nonfinite_steps: int = 5
+    """A step with a NaN / Inf gradient norm is skipped; this many in a row stop the run."""
+    peak_tflops: float | None = None
+    """Device peak for MFU (None: known GPUs from a table, a short measurement on CPU)."""
     seed: int = 1234
     fp8: Literal["hybrid", "e4m3"] | None = None
-    """hybrid / e4m3 through TransformerEngine (GPU only); None for bf16/fp32."""
+    """hybrid / e4m3 through TransformerEngine (GPU only) for the student; None for bf16/fp32."""
     fp8_teacher: bool = False
+    """Run the frozen teacher's forward in FP8 too (needs `fp8`)."""
+    transformer_engine: Literal["auto", "on", "off"] = "auto"
+    """TE layer spec with its fused kernels (RoPE, SwiGLU): auto = when importable on a GPU."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute: selective (core attention) or full (every layer)."""
+    distributed_optimizer: bool | None = None
+    """Shard optimizer state over data-parallel ranks (None: on GPU; it refuses CPU params)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduce with the backward pass."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the next forward."""
 
     def __post_init__(self) -> None:
         _check_choices(self, "distill")
         _positive(self, "distill", "steps", "micro_batch_size", "global_batch_size")
         _positive(self, "distill", "save_every", "log_every", "top_k", "kd_chunk_tokens")
+        _positive(self, "distill", "keep_last", "max_nonfinite_steps")
+        if self.keep_every is not None:
+            _positive(self, "distill", "keep_every")
+        if self.fp8_teacher and self.fp8 is None:
+            raise MinitronError("distill.fp8_teacher needs distill.fp8 (hybrid or e4m3)")
+        if self.fp8 is not None and self.transformer_engine == "off":
+            raise MinitronError(
+                "distill.fp8 runs through TransformerEngine: transformer_engine off"
+            )
+        if self.overlap_param_gather and self.distributed_optimizer is False:
+            raise MinitronError(
+                "distill.overlap_param_gather needs the distributed optimizer "
+                "(distill.distributed_optimizer: true or null)"
+            )
         _positive(self, "distill", "temperature")
         _positive(self, "distill", "warmup_steps", "lr", "min_lr", allow_zero=True)
         _positive(self, "distill", "logits_weight", "lm_weight", allow_zero=True)

@@ -204,6 +204,7 @@ class Pipeline:
             dp=p.dp,
             resume=True,
             init_random=init_random,
+            sequence_parallel=p.sequence_parallel,
         )
 
     def stage_correct(self, out: Path) -> None:
@@ -217,7 +218,6 @@ class Pipeline:
             lr=tc.lr,
             min_lr=tc.lr / 10,
             warmup_steps=tc.warmup_steps,
-            save_every=tc.steps,
         )
         self._point_at(out, final)
 

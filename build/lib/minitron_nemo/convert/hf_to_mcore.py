@@ -24,6 +24,7 @@ from minitron_nemo.models.arch import ModelArch
 from minitron_nemo.models.build import DTYPES
 from minitron_nemo.models.families import Family, family_by_name, family_for_config
 from minitron_nemo.models.families.base import Rule, read_config
+from minitron_nemo.runtime.diskspace import model_bytes, require_free, translate_disk_full
 from minitron_nemo.runtime.launch import run_on_ranks
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,12 @@ def hf_to_mcore(
     """Convert an HF directory into a checkpoint directory (see checkpoint.py)."""
     start = time.time()
     plan = plan_conversion(Path(hf_dir), tp, pp, dtype)
-    with atomic.atomic_directory(Path(out), force=force) as tmp:
+    needed = model_bytes(plan.arch, plan.dtype)
+    require_free(Path(out).parent, needed)
+    with (
+        atomic.atomic_directory(Path(out), force=force) as tmp,
+        translate_disk_full(Path(out).parent, needed),
+    ):
         run_on_ranks(_convert_on_rank, tp * pp, plan, tmp)
         checkpoint.copy_tokenizer(plan.hf_dir, tmp / "tokenizer")
         checkpoint.write_meta(

@@ -14,6 +14,7 @@ from minitron_nemo.convert import transforms
 from minitron_nemo.convert.safetensors_io import ShardedSafetensorsWriter
 from minitron_nemo.models.arch import ModelArch
 from minitron_nemo.models.families import family_by_name
+from minitron_nemo.runtime.diskspace import model_bytes, require_free, translate_disk_full
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -70,7 +71,13 @@ def mcore_to_hf(
     start = time.time()
     ckpt = Path(ckpt)
     checkpoint.require_checkpoint(ckpt)
-    with atomic.atomic_directory(Path(out), force=force) as tmp:
+    arch = ModelArch.load(ckpt / "arch.yaml")
+    needed = model_bytes(arch, dtype or checkpoint.checkpoint_dtype(ckpt))
+    require_free(Path(out).parent, needed)
+    with (
+        atomic.atomic_directory(Path(out), force=force) as tmp,
+        translate_disk_full(Path(out).parent, needed),
+    ):
         with distributed.initialize(tp=1, pp=1):
             model, arch = checkpoint.load_model(ckpt, dtype=dtype, use_te=False)
             out_dtype = dtype or checkpoint.checkpoint_dtype(ckpt)

@@ -5,6 +5,9 @@ tensor [s, b, h_student + h_teacher] (the schedule's shapes are widened accordin
 megatron's 1F1B schedule runs the pair unchanged. The teacher runs without gradients; only the
 student (and the intermediate-loss projection) are trained. The student is `self.module`, so
 megatron helpers that unwrap `.module` (tied-embedding grad sync) find it.
+On the last stage both models stop at their final norm (megatron's `output_processor` hook): the
+loss applies the output layers chunk by chunk (distill/vocab_loss.py), so neither model's
+full-vocabulary logits are materialised, nor transposed to [b, s, v] as GPTModel would.
 """
 
 from __future__ import annotations
@@ -25,15 +28,27 @@ class AttachAuxLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale) -> torch.Tensor:
         ctx.save_for_backward(aux_loss)
-        ctx.scale = scale
+        ctx.scale = scale  # a float or a device scalar (dynamic alpha, no host sync)
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (aux_loss,) = ctx.saved_tensors
-        return grad_output, torch.full_like(aux_loss, ctx.scale), None
+        return grad_output, torch.ones_like(aux_loss) * ctx.scale, None
+
+
+def _final_hidden_states(hidden_states: torch.Tensor, **_kwargs) -> torch.Tensor:
+    """megatron output_processor: return the last stage's hidden states after the final norm."""
+    return hidden_states
+
+
+def output_weight(model: torch.nn.Module) -> torch.Tensor:
+    """This rank's slice [v/tp, h] of a last-stage model's output layer weight."""
+    if model.share_embeddings_and_output_weights:
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -72,8 +87,8 @@ class KDPair(MegatronModule):
         self.teacher_output: torch.Tensor | None = None
         self.pairs = list(pairs or [])
         self.intermediate_kind = intermediate_kind
-        self.aux_scale = 1.0  # set by the trainer each step: weight / micro-batches
-        self.intermediate_values: list[float] = []
+        self.aux_scale: float | torch.Tensor = 1.0  # set each step: weight / micro-batches
+        self.intermediate_values: list[torch.Tensor] = []
         self._captured: dict[tuple[str, int], torch.Tensor] = {}
         if self.pairs:
             self._hook("student", student, {s for s, _ in self.pairs})
@@ -130,15 +145,18 @@ class KDPair(MegatronModule):
         return widen(recv_shapes), widen(send_shapes)
 
     def forward(self, tokens_bs: torch.Tensor) -> torch.Tensor:
+        """Last stage: the student's final hidden states [s, b, h] (the teacher's are kept in
+        `teacher_output`); other stages: both models' activations, concatenated."""
         pos = position_ids(tokens_bs)
-        student_out = self.module(tokens_bs, pos, attention_mask=None)
+        kwargs = dict(attention_mask=None, output_processor=_final_hidden_states)
+        student_out = self.module(tokens_bs, pos, **kwargs)
         if self.teacher is None:
             return student_out
         with torch.no_grad():
-            teacher_out = self.teacher(tokens_bs, pos, attention_mask=None)
+            teacher_out = self.teacher(tokens_bs, pos, **kwargs)
         aux = self._intermediate() if self.pairs else None
         if aux is not None:
-            self.intermediate_values.append(float(aux.detach()))
+            self.intermediate_values.append(aux.detach())
             student_out = AttachAuxLoss.apply(student_out, aux, self.aux_scale)
         if parallel_state.is_pipeline_last_stage():
             self.teacher_output = teacher_out

@@ -44,9 +44,23 @@ def transformer_config(
     dtype: torch.dtype = torch.float32,
     perform_initialization: bool = False,
     fp8: str | None = None,
+    fused_kernels: bool = False,
+    sequence_parallel: bool = False,
+    recompute: str = "none",
 ) -> TransformerConfig:
-    """megatron TransformerConfig for `arch` with the current parallel state's TP/PP sizes."""
+    """megatron TransformerConfig for `arch` with the current parallel state's TP/PP sizes.
+
+    `fused_kernels` (with the TE spec on a GPU) turns on fused RoPE and the fused SwiGLU; off,
+    CPU and GPU run the same unfused math. `recompute`: none, selective (core attention) or
+    full (every layer)."""
     on_gpu = cpu_compat.cuda_available()
+    recompute_kwargs = {}
+    if recompute == "selective":
+        recompute_kwargs = dict(recompute_granularity="selective")
+    elif recompute == "full":
+        recompute_kwargs = dict(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+        )
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -64,50 +78,72 @@ def transformer_config(
         attention_dropout=0.0,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        sequence_parallel=sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=not on_gpu,
         perform_initialization=perform_initialization,
         init_method_std=0.02,
-        # Fusions need TE / apex kernels; they are off so CPU and GPU run the same math.
-        apply_rope_fusion=False,
+        apply_rope_fusion=fused_kernels,
+        bias_activation_fusion=fused_kernels,
+        # These need apex / TE kernels beyond the TE spec itself: off everywhere.
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         masked_softmax_fusion=False,
-        bias_activation_fusion=False,
         bias_dropout_fusion=False,
         # FP8 runs through TransformerEngine layers (the TE spec); megatron wraps the forward
         # in TE's fp8 autocast when `fp8` is set.
         fp8=fp8,
+        **recompute_kwargs,
     )
+
+
+def resolve_te(mode: str | bool | None, fp8: str | None = None) -> bool:
+    """Whether to build with the TE spec: "on" / "off" / "auto" (= when TE runs here); FP8
+    needs it. Refuses what cannot run here with one line."""
+    mode = {True: "on", False: "off", None: "auto"}.get(mode, mode)
+    if fp8 is not None:
+        if mode == "off" or not te_available():
+            raise MinitronError(f"fp8 = {fp8!r} needs TransformerEngine on a GPU (not available)")
+        return True
+    if mode == "on" and not te_available():
+        raise MinitronError(
+            "transformer_engine = on: TransformerEngine is not importable (or no GPU is present)"
+        )
+    return te_available() if mode == "auto" else mode == "on"
 
 
 def build_model(
     arch: ModelArch,
     dtype: torch.dtype = torch.float32,
-    use_te: bool | None = None,
+    use_te: str | bool | None = None,
     perform_initialization: bool = False,
     fp8: str | None = None,
+    sequence_parallel: bool = False,
+    recompute: str = "none",
 ) -> GPTModel:
     """This rank's shard (TP slice, PP stage) of the model, on the runtime device."""
-    if fp8 is not None:
-        if use_te is False or not te_available():
-            raise MinitronError(f"fp8 = {fp8!r} needs TransformerEngine on a GPU (not available)")
-        use_te = True
-    if use_te is None:
-        use_te = te_available()
-    elif use_te and not te_available():
-        raise MinitronError("use_te: TransformerEngine is not importable (or no GPU is present)")
+    te = resolve_te(use_te, fp8)
+    if sequence_parallel and not cpu_compat.cuda_available():
+        raise MinitronError("parallel.sequence_parallel needs GPUs (its collectives need NCCL)")
     arch.check_parallel(
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_pipeline_model_parallel_world_size(),
     )
-    config = transformer_config(arch, dtype, perform_initialization, fp8)
+    config = transformer_config(
+        arch,
+        dtype,
+        perform_initialization,
+        fp8,
+        fused_kernels=te and cpu_compat.cuda_available(),
+        sequence_parallel=sequence_parallel,
+        recompute=recompute,
+    )
     scaling = arch.rope_scaling or {}
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(use_te),
+        transformer_layer_spec=layer_spec(te),
         vocab_size=arch.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),

@@ -111,6 +111,11 @@ def install() -> None:
     from megatron.core.tensor_parallel import random as tp_random
 
     tp_random.CudaRNGStatesTracker = _CpuRNGStatesTracker  # type: ignore[misc]
+    # Activation recompute (megatron's CheckpointFunction) saves and restores the CUDA RNG
+    # state around the recomputed forward; there is none on CPU (its CPU state is handled
+    # beside it, and the tracker above holds the model-parallel states).
+    tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    tp_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
 def _clip_grad_by_total_norm_fp32(

@@ -27,9 +27,10 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from minitron_nemo.errors import MinitronError
+from minitron_nemo.errors import MinitronError, Stopped
 from minitron_nemo.runtime import cpu_compat
 from minitron_nemo.runtime.distributed import free_port
+from minitron_nemo.runtime.preemption import forward_signals
 
 
 def _rank_entry(
@@ -48,25 +49,46 @@ def _rank_entry(
     fn(*args)
 
 
-def run_on_ranks(fn: Callable[..., Any], nprocs: int, *args: Any) -> None:
+def run_on_ranks(
+    fn: Callable[..., Any], nprocs: int, *args: Any, handles_stop: bool = False
+) -> None:
     """Call `fn(*args)` on `nprocs` ranks; they find each other through env:// on localhost.
 
     `fn` must be importable (module level): ranks are started with the spawn method.
+    SIGTERM / SIGUSR1 received meanwhile are passed on to the ranks. A function that
+    `handles_stop` (the trainer: it saves and records its outcome) may end either way once
+    signalled; for any other, a signal means `Stopped` (rerun the command to redo the stage).
     """
     if nprocs == 1 and "WORLD_SIZE" not in os.environ:
         fn(*args)
         return
     launcher = os.environ.get("MINITRON_LAUNCHER")
     if launcher:
-        run_with_torchrun(fn, nprocs, args, launcher)
-        return
-    mp.start_processes(
-        _rank_entry, args=(fn, nprocs, free_port(), args), nprocs=nprocs, start_method="spawn"
-    )
+        received = run_with_torchrun(fn, nprocs, args, launcher)
+    else:
+        context = mp.start_processes(
+            _rank_entry,
+            args=(fn, nprocs, free_port(), args),
+            nprocs=nprocs,
+            start_method="spawn",
+            join=False,
+        )
+        with forward_signals([p.pid for p in context.processes]) as received:
+            try:
+                while not context.join():
+                    pass
+            except mp.ProcessExitedException:
+                if not received:
+                    raise
+    if received and not handles_stop:
+        raise Stopped("stopped by a signal; rerun the same command to resume")
 
 
-def run_with_torchrun(fn: Callable[..., Any], nprocs: int, args: tuple, launcher: str) -> None:
-    """Start `nprocs` ranks with torchrun (behind `launcher` unless it is just "torchrun")."""
+def run_with_torchrun(fn: Callable[..., Any], nprocs: int, args: tuple, launcher: str) -> list[int]:
+    """Start `nprocs` ranks with torchrun (behind `launcher` unless it is just "torchrun");
+    returns the stop signals that were passed on. torchrun forwards SIGUSR1 too, and waits
+    MINITRON_SHUTDOWN_TIMEOUT seconds (default 1800) for signalled ranks to save and exit
+    before it kills them."""
     per_node = int(os.environ.get("MINITRON_PROCS_PER_NODE", nprocs))
     nnodes = -(-nprocs // per_node)
     if nprocs % nnodes:
@@ -92,15 +114,18 @@ def run_with_torchrun(fn: Callable[..., Any], nprocs: int, args: tuple, launcher
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={endpoint}",
         f"--rdzv-id={uuid.uuid4().hex[:12]}",
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        f"--shutdown-timeout={os.environ.get('MINITRON_SHUTDOWN_TIMEOUT', '1800')}",
         "-m",
         "minitron_nemo.runtime.rank_main",
         job,
     ]
     try:
-        result = subprocess.run(cmd)
+        proc = subprocess.Popen(cmd)
+        with forward_signals([proc.pid]) as received:  # torchrun passes them on to its workers
+            returncode = proc.wait()
     finally:
         os.unlink(job)
-    if result.returncode != 0:
-        raise MinitronError(
-            f"ranks failed (exit code {result.returncode}); command: {shlex.join(cmd)}"
-        )
+    if returncode != 0 and not received:
+        raise MinitronError(f"ranks failed (exit code {returncode}); command: {shlex.join(cmd)}")
+    return received

@@ -1,0 +1,232 @@
+"""The per-token losses over the vocabulary in one pass, with analytic gradients.
+
+Legend: t = tokens of a chunk, v = this rank's vocab slice (the full vocab when the TP group has
+one rank), h = hidden size. `p` is the teacher's softmax, `q` the student's, both at temperature
+T over the full (TP-split) vocabulary.
+
+    forward KL  KL(p || q) per token = sum_v p (log p - log q)   d/ds = (q - p) / T
+    reverse KL  KL(q || p) per token = sum_v q (log q - log p)   d/ds = q (log q - log p - KL) / T
+    NLL         -log q1[label]  (student at T = 1)               d/ds = q1 - onehot(label)
+
+Computing these directly (native log_softmax on one rank; max and sum-exp all-reduced over TP,
+as megatron's cross entropy does) and saving only the gradient direction for backward replaces
+the autograd chain of the reference formulas in `losses.py` (which the tests compare against):
+fewer full-vocabulary passes, fewer saved tensors, and the student's NLL for logging comes out of
+the same softmax instead of a separate cross entropy. Backward needs no communication: each rank's
+slice of (q - p) is the gradient of its slice of the logits.
+
+`chunked_vocab_losses` also folds in the output layer: the student's and the teacher's logits
+exist one chunk of tokens at a time (recomputed in backward when there is more than one chunk),
+so full-vocabulary fp32 logits of both models never exist at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from minitron_nemo.runtime.forward import PAD_LOGIT
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 logits are reduced in fp32; fp32 and fp64 stay as they are."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def _parallel(group) -> bool:
+    return group is not None and dist.get_world_size(group) > 1
+
+
+def _log_softmax(x_tv: torch.Tensor, group) -> torch.Tensor:
+    """log_softmax over the full vocabulary (no autograd: callers provide the gradient)."""
+    if not _parallel(group):
+        return torch.log_softmax(x_tv, dim=-1)
+    row_max = x_tv.amax(dim=-1, keepdim=True)
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    shifted = x_tv - row_max
+    sum_exp = shifted.exp().sum(dim=-1, keepdim=True)
+    dist.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=group)
+    return shifted.sub_(sum_exp.log_())
+
+
+def _sum_tokens(x_t: torch.Tensor, group) -> torch.Tensor:
+    if _parallel(group):
+        dist.all_reduce(x_t, op=dist.ReduceOp.SUM, group=group)
+    return x_t
+
+
+def _local_labels(labels_t: torch.Tensor, v_local: int, vocab_start: int):
+    """(rows, local column) of the labels that fall in this rank's vocab slice."""
+    local = labels_t - vocab_start
+    rows = ((local >= 0) & (local < v_local)).nonzero(as_tuple=True)[0]
+    return rows, local[rows]
+
+
+def _gather_labels(x_tv: torch.Tensor, labels_t: torch.Tensor, vocab_start: int, group):
+    """x[t, label_t] over the TP-split vocabulary (0 from ranks that do not hold the label)."""
+    out = torch.zeros(x_tv.shape[0], dtype=x_tv.dtype, device=x_tv.device)
+    rows, cols = _local_labels(labels_t, x_tv.shape[1], vocab_start)
+    out[rows] = x_tv[rows, cols]
+    return _sum_tokens(out, group)
+
+
+class _VocabLosses(torch.autograd.Function):
+    """(kl_t, nll_t) of one chunk; see the module docstring for the formulas."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_tv: torch.Tensor,
+        teacher_tv: torch.Tensor | None,
+        labels_t: torch.Tensor,
+        temperature: float,
+        kind: str,
+        nll_grad: bool,
+        vocab_start: int,
+        group,
+    ):
+        s = _upcast(student_tv)
+        log_q1 = _log_softmax(s, group)
+        nll_t = -_gather_labels(log_q1, labels_t, vocab_start, group)
+        kl_t = torch.zeros_like(nll_t)
+        kl_dir = q1 = None
+        if teacher_tv is not None:
+            t = _upcast(teacher_tv)
+            if temperature != 1.0:
+                t = t / temperature
+                log_q = _log_softmax(s / temperature, group)
+            else:
+                log_q = log_q1 if not nll_grad else log_q1.clone()
+            log_p = _log_softmax(t, group)
+            if kind == "forward":
+                p = log_p.exp()
+                kl_t = _sum_tokens(log_p.sub_(log_q).mul_(p).sum(-1), group)
+                kl_dir = log_q.exp_().sub_(p)  # q - p
+            else:  # reverse: KL(q || p)
+                q = log_q.exp()
+                diff = log_q.sub_(log_p)  # log q - log p
+                kl_t = _sum_tokens((q * diff).sum(-1), group)
+                kl_dir = diff.sub_(kl_t[:, None]).mul_(q)
+            if temperature != 1.0:
+                kl_dir.div_(temperature)
+        if nll_grad:
+            q1 = log_q1.exp_()
+        ctx.save_for_backward(kl_dir, q1, labels_t)
+        ctx.vocab_start = vocab_start
+        ctx.dtype = student_tv.dtype
+        return kl_t, nll_t
+
+    @staticmethod
+    def backward(ctx, grad_kl_t: torch.Tensor, grad_nll_t: torch.Tensor):
+        kl_dir, q1, labels_t = ctx.saved_tensors
+        grad = None
+        if kl_dir is not None:
+            grad = kl_dir * grad_kl_t[:, None]
+        if q1 is not None:
+            term = q1 * grad_nll_t[:, None]
+            grad = term if grad is None else grad.add_(term)
+            rows, cols = _local_labels(labels_t, q1.shape[1], ctx.vocab_start)
+            grad[rows, cols] -= grad_nll_t[rows]
+        grad = grad.to(ctx.dtype) if grad is not None else None
+        return grad, None, None, None, None, None, None, None
+
+
+def vocab_losses(
+    student_tv: torch.Tensor,
+    teacher_tv: torch.Tensor | None,
+    labels_t: torch.Tensor,
+    temperature: float = 1.0,
+    kind: str = "forward",
+    nll_grad: bool = False,
+    vocab_start: int = 0,
+    group=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token KL (zeros without a teacher) and student NLL of one chunk of logit slices.
+
+    The KL carries a gradient; the NLL too when `nll_grad` (LM loss in the objective), else it is
+    only for logging. Logits of padded vocabulary rows must be PAD_LOGIT already."""
+    if kind not in ("forward", "reverse"):
+        raise ValueError(f"kind must be forward or reverse, got {kind!r}")
+    return _VocabLosses.apply(
+        student_tv, teacher_tv, labels_t, temperature, kind, nll_grad, vocab_start, group
+    )
+
+
+def mask_padding(logits_tv: torch.Tensor, vocab_size: int, vocab_start: int) -> torch.Tensor:
+    """PAD_LOGIT in the columns of padded vocabulary rows (>= vocab_size) of this slice."""
+    first_pad = vocab_size - vocab_start
+    if first_pad >= logits_tv.shape[-1]:
+        return logits_tv
+    keep = torch.arange(logits_tv.shape[-1], device=logits_tv.device) < first_pad
+    return torch.where(keep, logits_tv, torch.full_like(logits_tv, PAD_LOGIT))
+
+
+def _chunk(
+    h_s: torch.Tensor,
+    h_t: torch.Tensor | None,
+    labels_t: torch.Tensor,
+    w_s: torch.Tensor,
+    w_t: torch.Tensor | None,
+    vocab_size: int,
+    vocab_start: int,
+    temperature: float,
+    kind: str,
+    nll_grad: bool,
+    group,
+):
+    student = mask_padding(F.linear(h_s, w_s), vocab_size, vocab_start)
+    teacher = None
+    if h_t is not None:
+        with torch.no_grad():
+            teacher = mask_padding(F.linear(h_t, w_t), vocab_size, vocab_start)
+        if teacher.shape[-1] != student.shape[-1]:  # other vocab paddings (one rank only)
+            width = max(teacher.shape[-1], student.shape[-1])
+            student, teacher = (
+                F.pad(x, (0, width - x.shape[-1]), value=PAD_LOGIT) for x in (student, teacher)
+            )
+    return vocab_losses(student, teacher, labels_t, temperature, kind, nll_grad, vocab_start, group)
+
+
+def chunked_vocab_losses(
+    hidden_s_th: torch.Tensor,
+    hidden_t_th: torch.Tensor | None,
+    labels_t: torch.Tensor,
+    weight_s_vh: torch.Tensor,
+    weight_t_vh: torch.Tensor | None,
+    vocab_size: int,
+    vocab_start: int = 0,
+    temperature: float = 1.0,
+    kind: str = "forward",
+    nll_grad: bool = False,
+    chunk_tokens: int | None = None,
+    group=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (KL, NLL) [t] from final hidden states and output-layer weight slices, the
+    logits made chunk by chunk. `hidden_s_th` must already be the input of a column-parallel
+    linear (replicated over TP, its gradient all-reduced by the caller's mapping)."""
+    n = hidden_s_th.shape[0]
+    chunk = chunk_tokens or n
+    kl, nll = [], []
+    for start in range(0, n, chunk):
+        args = (
+            hidden_s_th[start : start + chunk],
+            None if hidden_t_th is None else hidden_t_th[start : start + chunk],
+            labels_t[start : start + chunk],
+            weight_s_vh,
+            weight_t_vh,
+            vocab_size,
+            vocab_start,
+            temperature,
+            kind,
+            nll_grad,
+            group,
+        )
+        if chunk < n and torch.is_grad_enabled():
+            kl_c, nll_c = checkpoint(_chunk, *args, use_reentrant=False)
+        else:
+            kl_c, nll_c = _chunk(*args)
+        kl.append(kl_c)
+        nll.append(nll_c)
+    return torch.cat(kl), torch.cat(nll)
