@@ -28,6 +28,7 @@ setup(
         "psutil",  # megatron dist-checkpoint save imports it without declaring it
         "tqdm",
         "pyarrow",  # parquet input of `minitron data prepare`
+        "lm-eval[hf]>=0.4.9,<0.5",  # benchmarks (task configs used as they are)
         "matplotlib",
         "tensorboard",
     ],

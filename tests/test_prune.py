@@ -244,3 +244,48 @@ def test_impossible_targets_are_refused_before_work(source, tmp_path, targets, t
     with pytest.raises(MinitronError, match=match):
         run_prune(source["mc"], tmp_path / "out", PruneConfig(**targets), calib(), tp=tp)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)], ids=["tp1", "tp2", "pp2"])
+def test_shard_local_pruning_equals_the_whole_model_round_trip(source, tmp_path, calib, tp, pp):
+    """The pruned checkpoint sliced on the shards equals, bit for bit, the old path: slice the
+    whole HF state in one process, write it as an HF directory, convert at the same TP/PP."""
+    from minitron_nemo.convert.mcore_to_hf import write_hf_config
+    from minitron_nemo.models.arch import ModelArch
+    from minitron_nemo.prune.select import select
+    from minitron_nemo.prune.slice import slice_state_dict
+
+    cfg = PruneConfig(
+        hidden_size=48,
+        ffn_hidden_size=64,
+        num_attention_heads=2,
+        num_layers=2,
+        depth_method="block_importance",
+        depth_scores=False,
+        merge_pruned_heads=True,
+        depth_eval_samples=4,
+        micro_batch_size=2,
+    )
+    report = run_prune(source["mc"], tmp_path / "new", cfg, calib(), tp=tp, pp=pp)
+    imp = torch.load(tmp_path / "new" / "importance.pt", weights_only=False)
+    src_arch = ModelArch.load(source["mc"] / "arch.yaml")
+    arch = ModelArch.load(tmp_path / "new" / "ckpt" / "arch.yaml")
+    plan = select(
+        src_arch, arch, imp["heads"], imp["neurons"], imp["channels"], report["kept_layers"]
+    )
+    sliced = slice_state_dict(_state(source["hf"]), src_arch, plan, imp["heads"], True)
+    old_hf = tmp_path / "old_hf"
+    old_hf.mkdir()
+    save_file(sliced, old_hf / "model.safetensors")
+    write_hf_config(arch, torch.float32, old_hf)
+    hf_to_mcore(old_hf, tmp_path / "old", tp=tp, pp=pp)
+    with distributed.initialize(tp=1, pp=1):
+        new_model, _ = load_model(tmp_path / "new" / "ckpt")
+        old_model, _ = load_model(tmp_path / "old")
+        new, old = new_model.state_dict(), old_model.state_dict()
+        keys = [k for k in old if "extra_state" not in k]
+        assert keys and all(torch.equal(new[k], old[k]) for k in keys)
+    assert len(report["dropped_layers"]) == 2 and arch.num_layers == 2
+    exported = _state(tmp_path / "new" / "hf")  # the streamed HF copy of the new checkpoint
+    assert set(exported) == set(sliced) and all(torch.equal(exported[k], sliced[k]) for k in sliced)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from minitron_nemo import atomic, checkpoint
 from minitron_nemo.convert import transforms
-from minitron_nemo.convert.safetensors_io import ShardedSafetensorsWriter
+from minitron_nemo.convert.safetensors_io import StreamingSafetensorsWriter
 from minitron_nemo.models.arch import ModelArch
 from minitron_nemo.models.families import family_by_name
 from minitron_nemo.runtime.diskspace import model_bytes, require_free, translate_disk_full
@@ -20,15 +19,41 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
-def hf_state_dict_items(model: torch.nn.Module, arch: ModelArch):
-    """Yield (HF name, tensor) for a full (TP=1, PP=1) megatron model, in HF layer order."""
-    family = family_by_name(arch.family)
-    params = dict(model.named_parameters())
-    for rule in family.rules(arch):
-        for layer in range(arch.num_layers) if rule.per_layer else [None]:
-            tensor = params[rule.mcore_name(layer)].detach()
-            hf = transforms.mcore_to_hf(rule, tensor, arch)
-            yield from zip(rule.hf_names(layer), hf, strict=True)
+def _groups(arch: ModelArch):
+    """(layer, rules) read together, in HF file order: the leading whole-model rules
+    (embedding) one by one, then each layer's rules, then the trailing ones (final norm,
+    output layer) one by one."""
+    rules = family_by_name(arch.family).rules(arch)
+    first = next(i for i, r in enumerate(rules) if r.per_layer)
+    layered = [r for r in rules if r.per_layer]
+    yield from ((None, [r]) for r in rules[:first] if not r.per_layer)
+    yield from ((layer, layered) for layer in range(arch.num_layers))
+    yield from ((None, [r]) for r in rules[first:] if not r.per_layer)
+
+
+def _hf_pieces(rule, layer, tensor, arch: ModelArch):
+    names = rule.hf_names(layer)
+    return zip(names, transforms.mcore_to_hf(rule, tensor, arch), strict=True)
+
+
+def hf_tensors(reader, arch: ModelArch, dtype: torch.dtype):
+    """Yield (HF name, tensor in `dtype`) from a checkpoint reader, one group at a time."""
+    for layer, rules in _groups(arch):
+        tensors = reader.read([rule.mcore_name(layer) for rule in rules])
+        for rule in rules:
+            for name, t in _hf_pieces(rule, layer, tensors[rule.mcore_name(layer)], arch):
+                yield name, t.to(dtype)
+
+
+def hf_plan(reader, arch: ModelArch, dtype: torch.dtype) -> list[tuple[str, tuple, torch.dtype]]:
+    """(HF name, shape, dtype) of every tensor `hf_tensors` yields, in the same order, from
+    metadata only (the transforms run on meta tensors)."""
+    plan = []
+    for layer, rules in _groups(arch):
+        for rule in rules:
+            meta = torch.empty(reader.shape(rule.mcore_name(layer))[0], device="meta")
+            plan += [(n, tuple(t.shape), dtype) for n, t in _hf_pieces(rule, layer, meta, arch)]
+    return plan
 
 
 def write_hf_config(arch: ModelArch, dtype: torch.dtype, out: Path) -> None:
@@ -40,24 +65,6 @@ def write_hf_config(arch: ModelArch, dtype: torch.dtype, out: Path) -> None:
     config.save_pretrained(out)
 
 
-def write_hf_dir(
-    tensors: Iterable[tuple[str, torch.Tensor]],
-    arch: ModelArch,
-    dtype: torch.dtype,
-    out: Path,
-    tokenizer_dir: Path | None,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-) -> None:
-    """Write HF-named tensors as safetensors shards + config.json + tokenizer into `out`."""
-    writer = ShardedSafetensorsWriter(out, max_shard_bytes)
-    for name, tensor in tensors:
-        writer.add(name, tensor.to(device="cpu", dtype=dtype).clone())
-    writer.close()
-    write_hf_config(arch, dtype, out)
-    if tokenizer_dir is not None and tokenizer_dir.is_dir():
-        checkpoint.copy_tokenizer(tokenizer_dir, out)
-
-
 def mcore_to_hf(
     ckpt: Path,
     out: Path,
@@ -65,29 +72,31 @@ def mcore_to_hf(
     dtype: torch.dtype | None = None,
     force: bool = False,
 ) -> Path:
-    """Export a checkpoint directory to `out` (safetensors + config.json + tokenizer)."""
+    """Export a checkpoint directory (saved at any TP/PP) to `out` (safetensors shards +
+    config.json + tokenizer), streaming: one layer of the source is in memory at a time and
+    each tensor goes straight to its place in its shard."""
+    from minitron_nemo.convert.checkpoint_tensors import CheckpointTensors
     from minitron_nemo.runtime import distributed
 
     start = time.time()
     ckpt = Path(ckpt)
     checkpoint.require_checkpoint(ckpt)
     arch = ModelArch.load(ckpt / "arch.yaml")
-    needed = model_bytes(arch, dtype or checkpoint.checkpoint_dtype(ckpt))
+    out_dtype = dtype or checkpoint.checkpoint_dtype(ckpt)
+    needed = model_bytes(arch, out_dtype)
     require_free(Path(out).parent, needed)
     with (
         atomic.atomic_directory(Path(out), force=force) as tmp,
         translate_disk_full(Path(out).parent, needed),
+        distributed.initialize(tp=1, pp=1),
     ):
-        with distributed.initialize(tp=1, pp=1):
-            model, arch = checkpoint.load_model(ckpt, dtype=dtype, use_te=False)
-            out_dtype = dtype or checkpoint.checkpoint_dtype(ckpt)
-            write_hf_dir(
-                hf_state_dict_items(model, arch),
-                arch,
-                out_dtype,
-                tmp,
-                ckpt / "tokenizer",
-                max_shard_bytes,
-            )
+        reader = CheckpointTensors(ckpt / "weights")
+        writer = StreamingSafetensorsWriter(tmp, hf_plan(reader, arch, out_dtype), max_shard_bytes)
+        for name, tensor in hf_tensors(reader, arch, out_dtype):
+            writer.add(name, tensor)
+        writer.close()
+        write_hf_config(arch, out_dtype, tmp)
+        if (ckpt / "tokenizer").is_dir():
+            checkpoint.copy_tokenizer(ckpt / "tokenizer", tmp)
     log.info("exported %s -> %s in %.1f s", ckpt, out, time.time() - start)
     return Path(out)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from minitron_nemo.errors import MinitronError
 
@@ -77,47 +76,106 @@ class SafetensorsReader:
         return self.get(first).dtype
 
 
-class ShardedSafetensorsWriter:
-    """Collect tensors and write `model-0000i-of-0000n.safetensors` shards of at most max_bytes."""
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+}
 
-    def __init__(self, out_dir: Path, max_shard_bytes: int) -> None:
+
+class StreamingSafetensorsWriter:
+    """Writes tensors straight to `model-0000i-of-0000n.safetensors` shards, one at a time.
+
+    The caller declares every tensor (name, shape, dtype) in writing order first, so the shard
+    layout and each shard's header are known before any data: each `add` then writes one
+    tensor's bytes at its place, and memory holds one tensor, not a shard (the safetensors
+    library's `save_file` needs the whole shard in memory). Files are named `.tmp` until
+    `close`; the caller's atomic directory makes the whole output appear at once.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+        max_shard_bytes: int,
+    ) -> None:
         self.out_dir = out_dir
-        self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._files: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
+        self.shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+        size = 0
+        for name, shape, dtype in plan:
+            nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            if self.shards[-1] and size + nbytes > max_shard_bytes:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append((name, tuple(shape), dtype, nbytes))
+            size += nbytes
+        self.order = [entry for shard in self.shards for entry in shard]
+        self.shard_of = {e[0]: i for i, shard in enumerate(self.shards) for e in shard}
+        self.total_bytes = sum(e[3] for e in self.order)
+        self._next = 0
+        self._shard = -1
+        self._file = None
+
+    def _path(self, i: int) -> Path:
+        return self.out_dir / f"shard-{i:05d}.tmp"
+
+    def _open(self, i: int) -> None:
+        if self._file is not None:
+            self._file.close()
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype, nbytes in self.shards[i]:
+            header[name] = {
+                "dtype": _SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as save_file does
+        self._file = self._path(i).open("wb")
+        self._file.write(struct.pack("<Q", len(encoded)))
+        self._file.write(encoded)
+        self._shard = i
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._pending_bytes += nbytes
-        self.total_bytes += nbytes
-
-    def _flush(self) -> None:
-        path = self.out_dir / f"shard-{len(self._files):05d}.tmp"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        self._files.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        expected, shape, dtype, _nbytes = self.order[self._next]
+        if (name, tuple(tensor.shape), tensor.dtype) != (expected, shape, dtype):
+            raise RuntimeError(
+                f"safetensors writer: got {name} {tuple(tensor.shape)} {tensor.dtype}, "
+                f"declared {expected} {shape} {dtype}"
+            )
+        shard = self.shard_of[name]
+        if shard != self._shard:
+            self._open(shard)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if data.numel():  # through the buffer protocol: no bytes copy of the tensor
+            self._file.write(memoryview(data.view(torch.uint8).numpy()))
+        self._next += 1
 
     def close(self) -> list[Path]:
-        """Write the last shard, give shards their final names, write the index if sharded."""
-        if self._pending:
-            self._flush()
-        n = len(self._files)
+        """Give the shards their final names and write the index if there are several."""
+        if self._next != len(self.order):
+            raise RuntimeError(
+                f"safetensors writer: {len(self.order) - self._next} tensors missing"
+            )
+        if self._file is not None:
+            self._file.close()
+        n = len(self.shards)
         if n == 1:
             final = self.out_dir / "model.safetensors"
-            self._files[0][0].rename(final)
+            self._path(0).rename(final)
             return [final]
         weight_map: dict[str, str] = {}
         finals = []
-        for i, (path, names) in enumerate(self._files):
+        for i, shard in enumerate(self.shards):
             final = self.out_dir / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            path.rename(final)
+            self._path(i).rename(final)
             finals.append(final)
-            weight_map.update({name: final.name for name in names})
+            weight_map.update({name: final.name for name, *_ in shard})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2))
         return finals

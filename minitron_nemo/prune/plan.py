@@ -148,7 +148,14 @@ def search_architecture(
 
 
 def plan_architecture(source: ModelArch, cfg: Targets, tp: int, pp: int) -> tuple[ModelArch, dict]:
-    """The target architecture (validated before any work) and how it was chosen."""
+    """The target architecture (validated before any work) and how it was chosen; with
+    `prune.search`, the largest candidate (the search itself picks among all of them)."""
+    search = getattr(cfg, "search", None)
+    if search is not None:
+        from minitron_nemo.prune.search_space import enumerate_candidates
+
+        candidates = enumerate_candidates(source, search, tp, pp)
+        return candidates[0], {"search_candidates": len(candidates)}
     if cfg.target_params is not None:
         arch, search = search_architecture(source, cfg, tp, pp)
         return arch, {"search": search}

@@ -2,8 +2,9 @@
 
 Slicing works on the full (gathered) tensors in HF layout, where every unit is a plain row or
 column: q_proj rows = heads x d, k/v rows = groups x d, o_proj columns = heads x d, gate/up rows
-and down columns = neurons, every hidden-size axis = channels. The sliced dict is then written
-as an HF directory and re-sharded by the converter to any TP/PP.
+and down columns = neurons, every hidden-size axis = channels; one layer at a time
+(`slice_layer`), so the prune stage holds one source layer while it fills its shards
+(prune/shard_slice.py).
 Shapes: n = heads, g = groups, d = head dim, h = hidden.
 """
 
@@ -51,6 +52,71 @@ def merge_pruned_heads(
     return merged
 
 
+def slice_global(state: dict[str, torch.Tensor], source: ModelArch, plan: PrunePlan):
+    """The pruned model's whole-model HF tensors (embedding, final norm, output layer) from
+    the source's (only those present in `state` are sliced)."""
+    ch = plan.channels
+    out = {}
+    if "model.embed_tokens.weight" in state:
+        out["model.embed_tokens.weight"] = _cols(state["model.embed_tokens.weight"], ch)
+    if "model.norm.weight" in state:
+        out["model.norm.weight"] = _rows(state["model.norm.weight"], ch)
+    if "lm_head.weight" in state and not source.tie_embeddings:
+        out["lm_head.weight"] = _cols(state["lm_head.weight"], ch)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def slice_layer(
+    state: dict[str, torch.Tensor],
+    i: int,
+    j: int,
+    source: ModelArch,
+    plan: PrunePlan,
+    head_scores: torch.Tensor | None = None,
+    merge_heads: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The HF tensors of pruned layer j, made from those of source layer i in `state`."""
+    d = source.head_dim
+    ch = plan.channels
+    per_group_new = plan.arch.num_attention_heads // plan.arch.num_query_groups
+    src, dst = f"model.layers.{i}.", f"model.layers.{j}."
+    heads, groups, neurons = plan.heads[i], plan.groups[i], plan.neurons[i]
+    out: dict[str, torch.Tensor] = {}
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        out[dst + norm + ".weight"] = _rows(state[src + norm + ".weight"], ch)
+    for suffix in ("weight", "bias"):
+        q_name = src + "self_attn.q_proj." + suffix
+        if q_name not in state:
+            continue
+        q = state[q_name]
+        if merge_heads and head_scores is not None:
+            q_nd = merge_pruned_heads(
+                q.view(source.num_attention_heads, d, *q.shape[1:]),
+                head_scores[i],
+                source.num_query_groups,
+                per_group_new,
+            )
+            q = q_nd.reshape(q.shape)
+        q = _unit_rows(q, heads, d)
+        k = _unit_rows(state[src + "self_attn.k_proj." + suffix], groups, d)
+        v = _unit_rows(state[src + "self_attn.v_proj." + suffix], groups, d)
+        if suffix == "weight":
+            q, k, v = _cols(q, ch), _cols(k, ch), _cols(v, ch)
+        out[dst + "self_attn.q_proj." + suffix] = q
+        out[dst + "self_attn.k_proj." + suffix] = k
+        out[dst + "self_attn.v_proj." + suffix] = v
+    o = _rows(state[src + "self_attn.o_proj.weight"], ch)
+    out[dst + "self_attn.o_proj.weight"] = _cols(o, [h * d + j2 for h in heads for j2 in range(d)])
+    for name in ("gate_proj", "up_proj"):
+        out[dst + f"mlp.{name}.weight"] = _cols(
+            _rows(state[src + f"mlp.{name}.weight"], neurons), ch
+        )
+    out[dst + "mlp.down_proj.weight"] = _cols(
+        _rows(state[src + "mlp.down_proj.weight"], ch), neurons
+    )
+    return {k: v.contiguous() for k, v in out.items()}
+
+
 def slice_state_dict(
     state: dict[str, torch.Tensor],
     source: ModelArch,
@@ -58,51 +124,9 @@ def slice_state_dict(
     head_scores: torch.Tensor | None = None,
     merge_heads: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The pruned model's HF state dict (new layer j comes from source layer plan.layers[j])."""
-    d = source.head_dim
-    ch = plan.channels
-    out: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": _cols(state["model.embed_tokens.weight"], ch),
-        "model.norm.weight": _rows(state["model.norm.weight"], ch),
-    }
-    if "lm_head.weight" in state and not source.tie_embeddings:
-        out["lm_head.weight"] = _cols(state["lm_head.weight"], ch)
-    per_group_new = plan.arch.num_attention_heads // plan.arch.num_query_groups
+    """The pruned model's HF state dict (new layer j comes from source layer plan.layers[j]);
+    for models held in memory (studies). The prune stage slices layer by layer on the shards."""
+    out = slice_global(state, source, plan)
     for j, i in enumerate(plan.layers):
-        src, dst = f"model.layers.{i}.", f"model.layers.{j}."
-        heads, groups, neurons = plan.heads[i], plan.groups[i], plan.neurons[i]
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            out[dst + norm + ".weight"] = _rows(state[src + norm + ".weight"], ch)
-        for suffix in ("weight", "bias"):
-            q_name = src + "self_attn.q_proj." + suffix
-            if q_name not in state:
-                continue
-            q = state[q_name]
-            if merge_heads and head_scores is not None:
-                q_nd = merge_pruned_heads(
-                    q.view(source.num_attention_heads, d, *q.shape[1:]),
-                    head_scores[i],
-                    source.num_query_groups,
-                    per_group_new,
-                )
-                q = q_nd.reshape(q.shape)
-            q = _unit_rows(q, heads, d)
-            k = _unit_rows(state[src + "self_attn.k_proj." + suffix], groups, d)
-            v = _unit_rows(state[src + "self_attn.v_proj." + suffix], groups, d)
-            if suffix == "weight":
-                q, k, v = _cols(q, ch), _cols(k, ch), _cols(v, ch)
-            out[dst + "self_attn.q_proj." + suffix] = q
-            out[dst + "self_attn.k_proj." + suffix] = k
-            out[dst + "self_attn.v_proj." + suffix] = v
-        o = _rows(state[src + "self_attn.o_proj.weight"], ch)
-        out[dst + "self_attn.o_proj.weight"] = _cols(
-            o, [h * d + j2 for h in heads for j2 in range(d)]
-        )
-        for name in ("gate_proj", "up_proj"):
-            out[dst + f"mlp.{name}.weight"] = _cols(
-                _rows(state[src + f"mlp.{name}.weight"], neurons), ch
-            )
-        out[dst + "mlp.down_proj.weight"] = _cols(
-            _rows(state[src + "mlp.down_proj.weight"], ch), neurons
-        )
-    return {k: v.contiguous() for k, v in out.items()}
+        out.update(slice_layer(state, i, j, source, plan, head_scores, merge_heads))
+    return out

@@ -3,8 +3,9 @@
 Output directory::
 
     importance.pt        scores of the source (reusable by a second prune with other targets)
-    hf/                  the pruned model as an HF directory
-    ckpt/                the pruned model as a megatron checkpoint at the run's TP/PP
+    ckpt/                the pruned model as a megatron checkpoint at the run's TP/PP, sliced
+                         on the shards (prune/shard_slice.py)
+    hf/                  the same as an HF directory (streamed export; prune.hf_output)
     prune_report.json    choices, parameter counts, depth scores, timings
     plots/*.png          importance heat maps, depth scores, parameter counts
     DONE
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,9 +23,8 @@ from pathlib import Path
 import torch
 
 from minitron_nemo import atomic, checkpoint
-from minitron_nemo.config import PruneConfig
-from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
-from minitron_nemo.convert.mcore_to_hf import hf_state_dict_items, write_hf_dir
+from minitron_nemo.config import DistillConfig, PruneConfig
+from minitron_nemo.convert.mcore_to_hf import mcore_to_hf
 from minitron_nemo.data.datasets import DataSpec, build_indices, calibration_indices
 from minitron_nemo.errors import MinitronError
 from minitron_nemo.models.arch import ModelArch
@@ -31,7 +32,7 @@ from minitron_nemo.prune import depth
 from minitron_nemo.prune.importance import collect_importance
 from minitron_nemo.prune.plan import plan_architecture
 from minitron_nemo.prune.select import PrunePlan, select
-from minitron_nemo.prune.slice import slice_state_dict
+from minitron_nemo.prune.shard_slice import write_pruned_checkpoint
 from minitron_nemo.report import plots
 from minitron_nemo.runtime.forward import lm_loss
 from minitron_nemo.runtime.launch import run_on_ranks
@@ -115,23 +116,6 @@ def choose_layers(source: ModelArch, arch: ModelArch, cfg: PruneConfig, imp: dic
     return [i for i in range(source.num_layers) if i not in set(dropped)]
 
 
-def _slice_and_write(
-    ckpt: Path, source: ModelArch, plan: PrunePlan, imp: dict, merge_heads: bool, out_hf: Path
-) -> None:
-    """Load the source (TP=1) in this process, slice every tensor, write an HF directory."""
-    from minitron_nemo.runtime import distributed
-
-    with distributed.initialize(tp=1, pp=1):
-        model, _ = checkpoint.load_model(ckpt, use_te=False)
-        state = {name: t.detach().cpu() for name, t in hf_state_dict_items(model, source)}
-        sliced = slice_state_dict(state, source, plan, imp["heads"], merge_heads)
-        del model, state
-    with atomic.atomic_directory(out_hf) as tmp:
-        write_hf_dir(
-            sliced.items(), plan.arch, checkpoint.checkpoint_dtype(ckpt), tmp, ckpt / "tokenizer"
-        )
-
-
 def param_summary(arch: ModelArch) -> dict[str, int]:
     total = arch.num_parameters()
     non_embedding = arch.num_parameters(include_embeddings=False)
@@ -146,14 +130,30 @@ def run_prune(
     tp: int = 1,
     pp: int = 1,
     force: bool = False,
+    distill: DistillConfig | None = None,
+    dp: int = 1,
+    hooks=None,
 ) -> dict:
     """Prune the checkpoint `ckpt` into `out`, calibrating on `data.calibration_samples`
-    random samples of the train split (the first `depth_eval_samples` of them score depth)."""
+    random samples of the train split (the first `depth_eval_samples` of them score depth).
+
+    With `prune.search`, the candidates are searched in `<out>_search/` (resumable; short
+    distillations from `ckpt` as the teacher with the `distill` settings) and the winner is
+    written to `out`."""
     checkpoint.require_checkpoint(ckpt)
     source = ModelArch.load(ckpt / "arch.yaml")
     source.check_parallel(tp, pp)
     arch, how = plan_architecture(source, cfg, tp, pp)
-    n_drop = source.num_layers - arch.num_layers
+    drops = {source.num_layers - arch.num_layers}
+    if cfg.search is not None:
+        if distill is None:
+            raise MinitronError("prune.search needs the run's distill settings")
+        from minitron_nemo.prune.search_space import enumerate_candidates
+
+        drops = {
+            source.num_layers - a.num_layers
+            for a in enumerate_candidates(source, cfg.search, tp, pp)
+        }
     build_indices(data, ("calibration",))  # a no-op after the data stage
     calib = calibration_indices(data)
     if cfg.depth_eval_samples >= len(calib):
@@ -175,12 +175,12 @@ def run_prune(
                 f"{previous['aggregation']}, the recipe asks for seq={cfg.aggregation_seq}, "
                 f"batch={cfg.aggregation_batch}"
             )
-        # Block losses for k = n_drop: needed to choose by block, and (with depth_scores) for
+        # Block losses for every k dropped: needed to choose by block, and (with depth_scores) for
         # the report's block vs per-layer comparison; a reused importance file may have them.
         choose_by_block = cfg.drop_layers is None and cfg.depth_method == "block"
         have_blocks = (previous or {}).get("block_loss") or {}
-        missing_block = n_drop > 0 and n_drop not in have_blocks
-        block_sizes = [n_drop] if missing_block and (choose_by_block or cfg.depth_scores) else []
+        missing = sorted(k for k in drops if k > 0 and k not in have_blocks)
+        block_sizes = missing if choose_by_block or cfg.depth_scores else []
         want_skip = (cfg.depth_scores or cfg.depth_method == "per_layer") and (
             previous is None or previous.get("layer_skip_loss") is None
         )
@@ -204,10 +204,36 @@ def run_prune(
         else:
             torch.save(previous, imp_path)
         imp = _load_importance(imp_path)
+        if cfg.search is not None:
+            from minitron_nemo.prune.search import run_search
+
+            work = out.parent / f"{out.name}_search"
+            found = run_search(
+                ckpt,
+                imp_path,
+                cfg,
+                distill,
+                ckpt,
+                data,
+                work,
+                choose_layers,
+                tp=tp,
+                pp=pp,
+                dp=dp,
+                hooks=hooks,
+            )
+            how = {**how, "search": found}
+            arch = ModelArch.load(Path(found["chosen_dir"]) / "ckpt" / "arch.yaml")
         layers = choose_layers(source, arch, cfg, imp)
         plan = select(source, arch, imp["heads"], imp["neurons"], imp["channels"], layers)
-        _slice_and_write(ckpt, source, plan, imp, cfg.merge_pruned_heads, tmp / "hf")
-        hf_to_mcore(tmp / "hf", tmp / "ckpt", tp=tp, pp=pp)
+        if cfg.search is not None:  # the winner's checkpoint, as sliced for the search
+            shutil.copytree(Path(found["chosen_dir"]) / "ckpt", tmp / "ckpt")
+        else:
+            write_pruned_checkpoint(
+                ckpt, plan, imp["heads"], cfg.merge_pruned_heads, tmp / "ckpt", tp=tp, pp=pp
+            )
+        if cfg.hf_output:
+            mcore_to_hf(tmp / "ckpt", tmp / "hf")
         report = _report(source, plan, imp, cfg, how, tmp, time.time() - started)
     log.info("pruned %s -> %s", ckpt, out)
     return report
@@ -278,4 +304,17 @@ def _report(
         plot_dir / "depth.png",
     )
     plots.param_counts(param_summary(source), param_summary(plan.arch), plot_dir / "params.png")
+    found = how.get("search")
+    if found:
+        plots.curves(
+            {
+                f"{c['name']} ({c['params'] / 1e6:.1f}M)": tuple(zip(*c["curve"], strict=True))
+                for c in found["candidates"]
+                if c["curve"]
+            },
+            "architecture search: held-out loss along the short distillation",
+            "distillation step",
+            "held-out loss",
+            plot_dir / "search.png",
+        )
     return report

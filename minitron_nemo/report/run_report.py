@@ -19,15 +19,22 @@ TRAINED_MODELS = {"distill": "distilled", "scratch": "scratch (LM, same tokens)"
 STAGE_ORDER = ("teacher", "data", "correct", "prune", "distill", "scratch", "export", "eval")
 
 
+def _task_cell(scores: dict | None) -> str:
+    if scores is None:
+        return "-"
+    cell = f"{scores['acc']:.3f}"
+    return cell + (f" / {scores['acc_norm']:.3f}" if "acc_norm" in scores else "")
+
+
 def results_table(results: dict[str, dict], tokens: dict[str, int]) -> str:
     """Markdown table: one row per model (params, held-out loss / ppl, each benchmark)."""
-    tasks = sorted({t for r in results.values() for t in r["tasks"]})
+    tasks = sorted({t for r in results.values() for t in r["tasks"] if not t.startswith("mmlu_")})
     header = [
         "model",
         "params (M)",
         "held-out loss",
         "ppl",
-        *[f"{t} acc / acc_norm" for t in tasks],
+        *[f"{t} acc / acc_norm" if t != "mmlu" else "mmlu (5-shot) acc" for t in tasks],
         "training tokens",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -37,12 +44,7 @@ def results_table(results: dict[str, dict], tokens: dict[str, int]) -> str:
             f"{r['params'] / 1e6:.1f}",
             f"{r['heldout_loss']:.3f}",
             f"{r['heldout_ppl']:.1f}",
-            *[
-                f"{r['tasks'][t]['acc']:.3f} / {r['tasks'][t]['acc_norm']:.3f}"
-                if t in r["tasks"]
-                else "-"
-                for t in tasks
-            ],
+            *[_task_cell(r["tasks"].get(t)) for t in tasks],
             f"{tokens[name]:,}" if name in tokens else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -131,6 +133,7 @@ def write_report(run_dir: Path, out: Path) -> str:
         "",
         table,
         "",
+        *search_section(prune_report.get("search")),
         "## Wall time per stage",
         "",
         timing,
@@ -148,6 +151,36 @@ def write_report(run_dir: Path, out: Path) -> str:
         )
     )
     return table + "\n\n" + timing
+
+
+def search_section(found: dict | None) -> list[str]:
+    """The architecture search's table (every candidate; short-distillation columns for the
+    kept ones), the rank correlation and the choice, as markdown lines."""
+    if not found:
+        return []
+    rows = [
+        "| candidate | layers | hidden | ffn | heads | params | zero-shot loss | rank | "
+        f"loss after {found['steps']} steps | rank |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in found["candidates"]:
+        a = c["arch"]
+        after = f"{c['final_loss']:.4f} | {c['final_rank']}" if c["final_loss"] else "- | -"
+        rows.append(
+            f"| {c['name']} | {a['num_layers']} | {a['hidden_size']} | {a['ffn_hidden_size']} | "
+            f"{a['num_attention_heads']} | {c['params'] / 1e6:.2f}M | "
+            f"{c['zero_shot_loss']:.4f} | {c['zero_shot_rank']} | {after} |"
+        )
+    rho = found["spearman_zero_shot_vs_distilled"]
+    return [
+        "## Architecture search",
+        "",
+        *rows,
+        "",
+        f"Spearman correlation of the zero-shot and post-distillation rankings (top "
+        f"{found['top_k']}): {'n/a' if rho is None else f'{rho:.2f}'}. Chosen: {found['why']}.",
+        "",
+    ]
 
 
 def _curves(run_dir: Path, trainings: dict, seq: int, out: Path) -> list[str]:

@@ -1,0 +1,121 @@
+"""Convert, prune and export memory at two model depths: peak RSS follows one layer, not the
+model.
+
+For each depth (default 8 and 32 layers of a Llama-shaped model, hidden 1024, ffn 4096, vocab
+32000, fp32: ~0.75 GB and ~2.2 GB) a random HF checkpoint is written, then each step runs in a
+fresh process so its peak RSS is its own:
+- convert: HF -> megatron checkpoint at TP=2 (`hf_to_mcore`);
+- prune: the sliced checkpoint at TP=2 (`write_pruned_checkpoint`: each of the 2 ranks builds
+  its shard of the pruned model from the source checkpoint one layer at a time), to hidden 768,
+  ffn 2048 and 3/4 of the layers, with random importance;
+- export: the pruned TP=2 checkpoint -> HF safetensors (`mcore_to_hf`, streamed).
+Printed: wall seconds, peak RSS of the step's process and (prune) of its largest rank, and the
+same process's RSS right after imports, so the growth is what the step itself holds.
+
+usage: .venv/bin/python bench/prune_export_memory.py [--layers 8 32] [--dir /tmp/minitron_pem]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+STEP = r"""
+import json, resource, sys, time
+from pathlib import Path
+import torch, megatron.core, transformers  # imports first: not counted as the step's memory
+from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
+from minitron_nemo.convert.mcore_to_hf import mcore_to_hf
+from minitron_nemo.models.arch import ModelArch
+from minitron_nemo.prune.baselines import random_scores
+from minitron_nemo.prune.plan import target_arch
+from minitron_nemo.prune.select import select
+from minitron_nemo.prune.shard_slice import write_pruned_checkpoint
+from minitron_nemo.config import PruneConfig
+
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+step, root = sys.argv[1], Path(sys.argv[2])
+after_imports = rss_mb()
+start = time.time()
+if step == "convert":
+    hf_to_mcore(root / "hf", root / "mc", tp=2)
+elif step == "prune":
+    source = ModelArch.load(root / "mc" / "arch.yaml")
+    keep = source.num_layers * 3 // 4
+    arch = target_arch(source, PruneConfig(hidden_size=768, ffn_hidden_size=2048,
+                                           num_layers=keep), tp=2)
+    scores = random_scores(source, 0)
+    plan = select(source, arch, scores["heads"], scores["neurons"], scores["channels"],
+                  list(range(keep)))
+    write_pruned_checkpoint(root / "mc", plan, scores["heads"], False, root / "pruned", tp=2)
+else:
+    mcore_to_hf(root / "pruned", root / "out")
+seconds = time.time() - start
+print(json.dumps({
+    "seconds": seconds,
+    "after_imports_mb": after_imports,
+    "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "ranks_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+}))
+"""
+
+
+def make_hf(out: Path, layers: int) -> float:
+    """A random Llama-shaped HF checkpoint; returns its size in MB."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers,
+        num_attention_heads=16, num_key_value_heads=4, head_dim=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out, max_shard_size="500MB")
+    (out / "tokenizer_config.json").write_text("{}")
+    return sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/minitron_pem"))
+    args = parser.parse_args()
+    rows = []
+    for layers in args.layers:
+        root = args.dir / f"L{layers}"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        model_mb = make_hf(root / "hf", layers)
+        for step in ("convert", "prune", "export"):
+            done = subprocess.run(
+                [sys.executable, "-c", STEP, step, str(root)],
+                capture_output=True, text=True, cwd=REPO,
+            )  # fmt: skip
+            if done.returncode:
+                sys.exit(f"{step} failed:\n{done.stderr[-3000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append({"layers": layers, "model_mb": round(model_mb), "step": step, **result})
+            print(json.dumps(rows[-1]), flush=True)
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"\n{'layers':>6} {'model MB':>9} {'step':>8} {'s':>7} {'imports MB':>10} "
+          f"{'peak MB':>8} {'rank peak MB':>12}")  # fmt: skip
+    for r in rows:
+        print(
+            f"{r['layers']:>6} {r['model_mb']:>9} {r['step']:>8} {r['seconds']:>7.1f} "
+            f"{r['after_imports_mb']:>10.0f} {r['peak_mb']:>8.0f} {r['ranks_peak_mb']:>12.0f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

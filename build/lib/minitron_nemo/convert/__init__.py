@@ -1,1 +1,0 @@
-"""HF <-> megatron-core conversion (names from models/families, TP split in transforms.py)."""

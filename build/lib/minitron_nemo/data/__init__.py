@@ -1,1 +1,0 @@
-"""Data: offline model/text sources, tokenization, indexed datasets, calibration sampling."""

@@ -1,1 +1,0 @@
-"""Knowledge distillation: pure loss functions, teacher/student pairing, the training loop."""

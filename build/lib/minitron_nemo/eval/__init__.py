@@ -1,1 +1,0 @@
-"""Evaluation: held-out LM loss / perplexity, zero-shot multiple-choice accuracy."""

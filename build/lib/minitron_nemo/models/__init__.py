@@ -1,1 +1,0 @@
-"""Architecture description, megatron-core model building and HF family maps."""

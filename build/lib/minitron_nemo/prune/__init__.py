@@ -1,1 +1,0 @@
-"""Structured pruning: activation importance, architecture selection, slicing, depth."""

@@ -1,1 +1,0 @@
-"""Tables and PNG plots of a run."""

@@ -1,1 +1,0 @@
-"""Distributed runtime: process groups, device selection and the CPU compatibility layer."""
