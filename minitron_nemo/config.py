@@ -203,6 +203,10 @@ class PruneConfig:
     """Calibration samples (taken out of the calibration set) used to score depth by LM loss."""
     aggregation_seq: Literal["mean", "l2", "var"] = "mean"
     aggregation_batch: Literal["mean", "l2", "var"] = "l2"
+    head_score: Literal["taylor", "activation"] = "taylor"
+    """Attention-head importance: taylor (|g . o| per sample, the first-order loss change when
+    the head is masked; one backward pass per calibration micro-batch) or activation (P1's
+    output norm; it ranks heads inside a query group worse than random on SmolLM2)."""
     merge_pruned_heads: bool = False
     """P1 section 2.3: add removed query heads' information to kept ones."""
     micro_batch_size: int = 1

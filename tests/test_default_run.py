@@ -1,5 +1,5 @@
 """The embedded default (README command 1): `minitron run recipes/smollm2_135m_cpu.yaml` on
-the real SmolLM2-135M, end to end (~15 min on 2 cores)."""
+the real SmolLM2-135M, end to end (~21 min on 2 cores)."""
 
 from __future__ import annotations
 

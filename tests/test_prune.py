@@ -167,6 +167,50 @@ def test_planted_importance_prunes_the_planted_units(tmp_path, calib):
     assert max_rel_err(pruned, expected) < 1e-5
 
 
+QUIET_HEADS = (1, 2)  # one per query group: group 0 = heads 0, 1; group 1 = heads 2, 3
+
+
+def test_planted_quiet_head_in_each_group_is_removed(tmp_path, calib):
+    """A head whose output barely reaches the residual stream (o_proj columns x 0.01) is the one
+    removed from its group. Its output (the input of o_proj, what P1's activation score
+    measures) is untouched by the planting, so only a score that sees what the head does to the
+    loss (taylor) can find it."""
+    hf = make_tiny_hf("llama", tmp_path / "hf", seed=6)
+    state = _state(hf)
+    for i in range(4):
+        o = state[f"model.layers.{i}.self_attn.o_proj.weight"].view(64, 4, 24)
+        o[:, list(QUIET_HEADS)] *= 0.01
+    save_file(state, str(hf / "model.safetensors"))
+    hf_to_mcore(hf, tmp_path / "mc")
+    cfg = PruneConfig(num_attention_heads=2, depth_scores=False, depth_eval_samples=4,
+                      micro_batch_size=2)  # fmt: skip
+    report = run_prune(tmp_path / "mc", tmp_path / "out", cfg, calib())
+    assert report["head_score"] == "taylor"
+    imp = torch.load(tmp_path / "out" / "importance.pt", weights_only=False)
+    for i in range(4):
+        low = imp["heads_taylor"][i].view(2, 2).argmin(1) + torch.tensor([0, 2])
+        assert set(low.tolist()) == set(QUIET_HEADS), imp["heads_taylor"][i]
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import tiny_config
+
+    keep = [h for h in range(4) if h not in QUIET_HEADS]
+    new = {k: v for k, v in state.items() if "q_proj" not in k and "o_proj" not in k}
+    for i in range(4):
+        p = f"model.layers.{i}.self_attn."
+        new[p + "q_proj.weight"] = state[p + "q_proj.weight"].view(4, 24, 64)[keep].reshape(48, 64)
+        new[p + "o_proj.weight"] = (
+            state[p + "o_proj.weight"].view(64, 4, 24)[:, keep].reshape(64, 48)
+        )
+    model = AutoModelForCausalLM.from_config(
+        tiny_config("llama", num_attention_heads=2, num_key_value_heads=2), dtype=torch.float32
+    ).eval()
+    model.load_state_dict(new, strict=False)
+    with torch.no_grad():
+        expected = model(TOKENS).logits
+    assert max_rel_err(_logits(tmp_path / "out" / "ckpt"), expected) < 1e-5
+
+
 def test_reprune_from_saved_importance_equals_recalibrating(source, tmp_path, calib):
     first = PruneConfig(ffn_hidden_size=48, depth_scores=False, depth_eval_samples=4)
     run_prune(source["mc"], tmp_path / "a", first, calib(seed=0))

@@ -1,7 +1,15 @@
 """Activation-based importance (P1 section 2.2), gathered across TP and PP.
 
 Forward hooks on this rank's layers record, per calibration sample, one magnitude per unit:
-- attention head i: L2 norm over head_dim of the head's output (input of `linear_proj`);
+- attention head i, `activation` (P1): L2 norm over head_dim of the head's output o (input of
+  `linear_proj`);
+- attention head i, `taylor` (the default; Michel et al. 2019, "Are Sixteen Heads Really Better
+  than One?"): |sum over the sample's tokens of g . o|, g = dLoss/do, the first-order estimate
+  of the loss change when the head is masked. It needs one backward pass per micro-batch
+  (parameters frozen: no weight gradients are kept). On SmolLM2 the activation norm ranks heads
+  inside a query group worse than random (the heads of a group share K and V, so their output
+  norms mostly say how peaked each head's attention is, not what removing it costs); see
+  bench/prune_quality.py;
 - MLP neuron i: |activation| at the input of `linear_fc2` (after the gated SwiGLU);
 - embedding channel i: |output| of every RMSNorm (input_layernorm, pre_mlp_layernorm), summed
   over all norms of all layers;
@@ -67,7 +75,7 @@ class SampleAggregate:
 class Importance:
     """Scores of the full (gathered) model; all tensors are float64 on CPU."""
 
-    heads: torch.Tensor  # [L, num_attention_heads]
+    heads: torch.Tensor  # [L, num_attention_heads]: the score chosen by `head_score`
     neurons: torch.Tensor  # [L, ffn_hidden_size]
     channels: torch.Tensor  # [hidden_size], summed over all norms of all layers
     channels_per_layer: torch.Tensor  # [L, hidden_size]
@@ -78,6 +86,9 @@ class Importance:
     layer_skip_loss: torch.Tensor | None = None  # [L] LM loss with layer i skipped
     block_loss: dict[int, list[float]] | None = None  # k -> LM loss with block [i, i+k) skipped
     base_loss: float | None = None
+    head_score: str = "activation"
+    heads_activation: torch.Tensor | None = None  # [L, num_attention_heads]
+    heads_taylor: torch.Tensor | None = None  # [L, num_attention_heads] (head_score taylor)
 
     def to_state(self) -> dict:
         return dict(self.__dict__)
@@ -86,9 +97,13 @@ class Importance:
 class ImportanceCollector:
     """Registers the hooks on this rank's model shard and accumulates per-layer scores."""
 
-    def __init__(self, model: torch.nn.Module, seq: str = "mean", batch: str = "l2") -> None:
+    def __init__(
+        self, model: torch.nn.Module, seq: str = "mean", batch: str = "l2", taylor: bool = False
+    ) -> None:
         self.seq, self.batch = seq, batch
         self.heads: dict[int, SampleAggregate] = {}
+        self.taylor: dict[int, SampleAggregate] = {}
+        self.want_taylor = taylor
         self.neurons: dict[int, SampleAggregate] = {}
         self.channels: dict[int, list[SampleAggregate]] = {}
         self.cos_sum: dict[int, float] = {}
@@ -98,6 +113,7 @@ class ImportanceCollector:
             g = layer.layer_number - 1
             attn = layer.self_attention
             self.heads[g] = SampleAggregate(batch)
+            self.taylor[g] = SampleAggregate("mean")
             self.neurons[g] = SampleAggregate(batch)
             self.channels[g] = [SampleAggregate(batch), SampleAggregate(batch)]
             self.cos_sum[g], self.cos_count[g] = 0.0, 0
@@ -115,6 +131,14 @@ class ImportanceCollector:
         s, b, e = x_sbe.shape
         mag_sbn = x_sbe.detach().view(s, b, e // head_dim, head_dim).float().norm(dim=-1)
         self.heads[g].add(reduce_sequence(mag_sbn, self.seq))
+        if self.want_taylor and x_sbe.requires_grad:
+            x = x_sbe.detach()
+            x_sbe.register_hook(partial(self._on_head_grad, g, head_dim, x))
+
+    def _on_head_grad(self, g: int, head_dim: int, x_sbe: torch.Tensor, grad_sbe) -> None:
+        s, b, e = x_sbe.shape
+        gx_sbn = (grad_sbe.double() * x_sbe.double()).view(s, b, e // head_dim, head_dim).sum(-1)
+        self.taylor[g].add(gx_sbn.sum(0).abs())  # [b, n]: |first-order loss change| per sample
 
     def _on_neurons(self, g: int, _module, args) -> None:
         self.neurons[g].add(reduce_sequence(args[0].detach().abs(), self.seq))
@@ -138,6 +162,7 @@ class ImportanceCollector:
         return {
             g: {
                 "heads": self.heads[g].result(),
+                "taylor": self.taylor[g].result() if self.want_taylor else self.heads[g].result(),
                 "neurons": self.neurons[g].result(),
                 "channels": self.channels[g][0].result() + self.channels[g][1].result(),
                 "bi": torch.tensor(1.0 - self.cos_sum[g] / max(self.cos_count[g], 1)),
@@ -162,10 +187,13 @@ def gather_scores(
         raise RuntimeError(
             f"importance gathered for layers {sorted(by_layer)}, not 0..{num_layers - 1}"
         )
-    out: dict[str, list[torch.Tensor]] = {"heads": [], "neurons": [], "channels": [], "bi": []}
+    out: dict[str, list[torch.Tensor]] = {
+        "heads": [], "taylor": [], "neurons": [], "channels": [], "bi": []
+    }  # fmt: skip
     for g in range(num_layers):
         shards = [by_layer[g][r] for r in sorted(by_layer[g])]
         out["heads"].append(torch.cat([s["heads"] for s in shards]))
+        out["taylor"].append(torch.cat([s["taylor"] for s in shards]))
         out["neurons"].append(torch.cat([s["neurons"] for s in shards]))
         out["channels"].append(shards[0]["channels"])  # replicated across TP
         out["bi"].append(shards[0]["bi"])
@@ -181,25 +209,35 @@ def collect_importance(
     seq: str = "mean",
     batch: str = "l2",
     progress: bool = True,
+    head_score: str = "taylor",
+    vocab_size: int | None = None,
 ) -> Importance:
-    """Run calibration micro-batches [b, s+1] (read one at a time) through the model and return
-    the gathered importance."""
-    from minitron_nemo.runtime.forward import run_forward
+    """Run calibration micro-batches [b, s+1] (read one at a time) through the model (and back,
+    for the taylor head score) and return the gathered importance."""
+    from minitron_nemo.runtime.forward import run_forward, run_loss_backward
     from minitron_nemo.runtime.progress import Progress
 
     device = next(model.parameters()).device
-    collector = ImportanceCollector(model, seq=seq, batch=batch)
+    taylor = head_score == "taylor"
+    collector = ImportanceCollector(model, seq=seq, batch=batch, taylor=taylor)
     bar = Progress(total=num_samples * seq_length, desc="calibration", unit="tok", enabled=progress)
     try:
         for chunk in batches:
-            run_forward(model, [chunk.to(device)], lambda out, _b: None)
+            if taylor:
+                assert vocab_size is not None
+                run_loss_backward(model, [chunk.to(device)], vocab_size)
+            else:
+                run_forward(model, [chunk.to(device)], lambda out, _b: None)
             bar.update(chunk.shape[0] * seq_length)
     finally:
         collector.remove()
         bar.close()
     scores = gather_scores(collector.local_scores(), num_layers)
     return Importance(
-        heads=scores["heads"],
+        heads=scores["taylor"] if taylor else scores["heads"],
+        head_score=head_score,
+        heads_activation=scores["heads"],
+        heads_taylor=scores["taylor"] if taylor else None,
         neurons=scores["neurons"],
         channels=scores["channels"].sum(0),
         channels_per_layer=scores["channels"],

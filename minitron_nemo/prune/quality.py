@@ -1,5 +1,7 @@
-"""Post-prune quality without retraining: importance vs random vs magnitude (width) and block
-vs per-layer selection (depth), each scored by held-out LM loss of the sliced HF model.
+"""Post-prune quality without retraining, one axis at a time: importance vs random (mean of
+several seeds) vs weight magnitude for hidden, ffn and heads (plus P1's activation head score),
+the default's combined width target, and every depth method against random and magnitude layer
+choices; each scored by the held-out LM loss of the sliced HF model.
 
 Used by `bench/prune_quality.py` and by the slow SmolLM2 test.
 """
@@ -10,11 +12,12 @@ from pathlib import Path
 
 import torch
 
+from minitron_nemo.config import PruneConfig
 from minitron_nemo.eval.lm import heldout_loss
 from minitron_nemo.models.arch import ModelArch
 from minitron_nemo.prune import depth
 from minitron_nemo.prune.baselines import magnitude_scores, random_scores
-from minitron_nemo.prune.plan import Targets, target_arch
+from minitron_nemo.prune.plan import target_arch
 from minitron_nemo.prune.select import select
 from minitron_nemo.prune.slice import slice_state_dict
 
@@ -39,28 +42,65 @@ def hf_model_from_state(arch: ModelArch, state: dict[str, torch.Tensor]):
     return model
 
 
+WIDTH_TARGETS: dict[str, dict[str, int]] = {
+    "hidden 576->432": {"hidden_size": 432},
+    "ffn 1536->768": {"ffn_hidden_size": 768},
+    "heads 9->6 (2 of 3 per group)": {"num_attention_heads": 6},
+    "hidden 432 + ffn 768 (default)": {"hidden_size": 432, "ffn_hidden_size": 768},
+}
+"""Width targets of SmolLM2-135M scored one axis at a time, then the default's combination."""
+
+
+def _width_loss(state, source: ModelArch, arch: ModelArch, scores: dict, heldout) -> float:
+    layers = list(range(source.num_layers))
+    plan = select(source, arch, scores["heads"], scores["neurons"], scores["channels"], layers)
+    model = hf_model_from_state(arch, slice_state_dict(state, source, plan))
+    return heldout_loss(model, heldout.split(4))
+
+
 def width_quality(
     state: dict[str, torch.Tensor],
     source: ModelArch,
     importance: dict,
-    targets: Targets,
+    sizes: dict[str, int],
     heldout: torch.Tensor,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Held-out LM loss of the width-pruned model for three ways of ranking units."""
-    arch = target_arch(source, targets)
-    layers = list(range(source.num_layers))
-    rankings = {
-        "importance": importance,
-        "random": random_scores(source, seed),
-        "magnitude": magnitude_scores(state, source),
+    seeds: int = 5,
+) -> dict:
+    """Held-out LM loss of one width target with units ranked by importance, by weight
+    magnitude and at random (mean and each of `seeds` seeds); for heads, also by P1's activation
+    score."""
+    arch = target_arch(source, PruneConfig(**sizes))
+    out: dict = {
+        "importance": _width_loss(state, source, arch, importance, heldout),
+        "magnitude": _width_loss(state, source, arch, magnitude_scores(state, source), heldout),
     }
-    out = {}
-    for name, scores in rankings.items():
-        plan = select(source, arch, scores["heads"], scores["neurons"], scores["channels"], layers)
-        model = hf_model_from_state(arch, slice_state_dict(state, source, plan))
-        out[name] = heldout_loss(model, heldout.split(4))
+    randoms = [_width_loss(state, source, arch, random_scores(source, s), heldout)
+               for s in range(seeds)]  # fmt: skip
+    out["random"], out["random_seeds"] = sum(randoms) / seeds, randoms
+    activation = importance.get("heads_activation")
+    if "num_attention_heads" in sizes and activation is not None:
+        scores = {**importance, "heads": activation}
+        out["activation (P1 head score)"] = _width_loss(state, source, arch, scores, heldout)
     return out
+
+
+def _depth_loss(state, source: ModelArch, importance: dict, dropped: list[int], heldout) -> float:
+    arch = source.replace(num_layers=source.num_layers - len(dropped))
+    layers = [i for i in range(source.num_layers) if i not in set(dropped)]
+    plan = select(
+        source, arch, importance["heads"], importance["neurons"], importance["channels"], layers
+    )
+    return heldout_loss(hf_model_from_state(arch, slice_state_dict(state, source, plan)),
+                        heldout.split(4))  # fmt: skip
+
+
+def layer_magnitudes(state: dict[str, torch.Tensor], source: ModelArch) -> list[float]:
+    """L2 norm of all of a layer's weights (the depth magnitude baseline)."""
+    return [
+        sum(v.double().pow(2).sum().item() for k, v in state.items()
+            if k.startswith(f"model.layers.{i}.")) ** 0.5
+        for i in range(source.num_layers)
+    ]  # fmt: skip
 
 
 def depth_quality(
@@ -69,8 +109,10 @@ def depth_quality(
     importance: dict,
     drop: int,
     heldout: torch.Tensor,
-) -> dict[str, dict]:
-    """Held-out LM loss after dropping `drop` layers chosen three ways (no retraining)."""
+    seeds: int = 5,
+) -> dict:
+    """Held-out LM loss after dropping `drop` layers chosen by each depth method, by weight
+    magnitude and at random (mean of `seeds` seeds); no retraining."""
     choices = {
         "block (LM loss)": depth.best_block(importance["block_loss"][drop], drop),
         "per-layer (LM loss)": depth.least_important(
@@ -79,17 +121,47 @@ def depth_quality(
         "per-layer (block importance)": depth.least_important(
             [float(x) for x in importance["block_importance"]], drop
         ),
+        "magnitude": depth.least_important(layer_magnitudes(state, source), drop),
     }
-    arch = source.replace(num_layers=source.num_layers - drop)
-    out = {}
-    for name, dropped in choices.items():
-        layers = [i for i in range(source.num_layers) if i not in set(dropped)]
-        plan = select(
-            source, arch, importance["heads"], importance["neurons"], importance["channels"], layers
-        )
-        model = hf_model_from_state(arch, slice_state_dict(state, source, plan))
-        out[name] = {"dropped": dropped, "loss": heldout_loss(model, heldout.split(4))}
+    out: dict = {
+        name: {"dropped": dropped, "loss": _depth_loss(state, source, importance, dropped, heldout)}
+        for name, dropped in choices.items()
+    }
+    randoms = []
+    for s in range(seeds):
+        gen = torch.Generator().manual_seed(s)
+        dropped = sorted(torch.randperm(source.num_layers, generator=gen)[:drop].tolist())
+        randoms.append(_depth_loss(state, source, importance, dropped, heldout))
+    out["random"] = {"loss": sum(randoms) / seeds, "seeds": randoms}
     return out
+
+
+def quality_table(results: dict) -> str:
+    """Markdown: one row per axis, held-out loss right after pruning (lower is better)."""
+    rows = [
+        f"Teacher: {results['teacher_loss']:.3f}. Held-out LM loss right after pruning, no "
+        f"retraining; random = mean of {results['seeds']} seeds.",
+        "",
+        "| target | importance (ours) | random (mean) | weight magnitude |",
+        "|---|---|---|---|",
+    ]
+    for name, r in results["width"].items():
+        extra = r.get("activation (P1 head score)")
+        ours = (
+            f"**{r['importance']:.3f}** (taylor)"
+            if extra is not None
+            else f"**{r['importance']:.3f}**"
+        )
+        rows.append(f"| {name} | {ours} | {r['random']:.3f} | {r['magnitude']:.3f} |")
+        if extra is not None:
+            rows.append(f"| {name}, P1 activation head score | {extra:.3f} | | |")
+    d = results["depth"]
+    for method in ("block (LM loss)", "per-layer (LM loss)", "per-layer (block importance)"):
+        rows.append(
+            f"| drop {results['drop']} layers, {method} | **{d[method]['loss']:.3f}** | "
+            f"{d['random']['loss']:.3f} | {d['magnitude']['loss']:.3f} |"
+        )
+    return "\n".join(rows)
 
 
 def load_hf_state(hf_dir: Path) -> dict[str, torch.Tensor]:
@@ -102,14 +174,19 @@ def load_hf_state(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def smollm2_prune_quality(
-    calib: int = 48, heldout: int = 24, seq: int = 128, drop: int = 8, depth_samples: int = 4
+    calib: int = 48,
+    heldout: int = 24,
+    seq: int = 128,
+    drop: int = 8,
+    depth_samples: int = 4,
+    seeds: int = 5,
 ) -> dict:
     """Calibrate SmolLM2-135M on gensim's Lee news corpus (via the prune stage, with depth
     scores), then score width and depth choices by held-out LM loss."""
     import tempfile
     import time
 
-    from minitron_nemo.config import DataConfig, PruneConfig
+    from minitron_nemo.config import DataConfig
     from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
     from minitron_nemo.data.datasets import heldout_indices, heldout_reader
     from minitron_nemo.data.sources import smollm2_hf_dir
@@ -148,10 +225,14 @@ def smollm2_prune_quality(
     state = load_hf_state(hf_dir)
     return {
         "teacher_loss": heldout_loss(load_hf_model(hf_dir), held.split(4)),
-        "width": width_quality(
-            state, source, imp, PruneConfig(hidden_size=432, ffn_hidden_size=768), held
-        ),
-        "depth": depth_quality(state, source, imp, drop, held),
+        "seeds": seeds,
+        "drop": drop,
+        "head_score": imp["head_score"],
+        "width": {
+            name: width_quality(state, source, imp, sizes, held, seeds)
+            for name, sizes in WIDTH_TARGETS.items()
+        },
+        "depth": depth_quality(state, source, imp, drop, held, seeds),
         "calibration_tokens_per_s": (calib - depth_samples) * seq / imp["calibration_seconds"],
         "prune_stage_seconds": seconds,
         "block_importance": [float(x) for x in imp["block_importance"]],

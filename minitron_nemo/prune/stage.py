@@ -70,6 +70,8 @@ def _calibrate_on_rank(
                 arch.num_layers,
                 seq=cfg.aggregation_seq,
                 batch=cfg.aggregation_batch,
+                head_score=cfg.head_score,
+                vocab_size=arch.vocab_size,
             )
             imp_state = imp.to_state()
             imp_state["calibration_seconds"] = time.time() - start
@@ -93,10 +95,22 @@ def _calibrate_on_rank(
             torch.save(imp_state, out_path)
 
 
-def _load_importance(path: Path) -> dict:
+def _load_importance(path: Path, head_score: str | None = None) -> dict:
+    """An importance file; with `head_score`, its `heads` are that score (refused if the file
+    was computed without it)."""
     state = torch.load(path, weights_only=False)
     if not isinstance(state, dict) or "heads" not in state:
         raise MinitronError(f"{path}: not an importance file written by `minitron prune`")
+    if head_score is not None:
+        heads = state.get(f"heads_{head_score}")
+        if heads is None and state.get("head_score", "activation") == head_score:
+            heads = state["heads"]
+        if heads is None:
+            raise MinitronError(
+                f"{path}: has no {head_score} head scores (computed with head_score "
+                f"{state.get('head_score', 'activation')}); recalibrate or set prune.head_score"
+            )
+        state = {**state, "heads": heads, "head_score": head_score}
     return state
 
 
@@ -165,7 +179,9 @@ def run_prune(
     started = time.time()
     with atomic.atomic_directory(out, force=force) as tmp:
         imp_path = tmp / "importance.pt"
-        previous = _load_importance(Path(cfg.importance)) if cfg.importance else None
+        previous = (
+            _load_importance(Path(cfg.importance), cfg.head_score) if cfg.importance else None
+        )
         if previous is not None and previous["aggregation"] != {
             "seq": cfg.aggregation_seq,
             "batch": cfg.aggregation_batch,
@@ -203,7 +219,7 @@ def run_prune(
             )
         else:
             torch.save(previous, imp_path)
-        imp = _load_importance(imp_path)
+        imp = _load_importance(imp_path, cfg.head_score)
         if cfg.search is not None:
             from minitron_nemo.prune.search import run_search
 
@@ -274,6 +290,7 @@ def _report(
         "depth_selection_comparison": comparison,
         "kept_channels": len(plan.channels),
         "aggregation": imp["aggregation"],
+        "head_score": imp["head_score"],
         "calibration_samples": imp["num_samples"],
         "seq_length": imp["seq_length"],
         "calibration_seconds": imp.get("calibration_seconds"),
@@ -287,7 +304,10 @@ def _report(
         "config": asdict(cfg),
     }
     (out / "prune_report.json").write_text(json.dumps(report, indent=2))
-    plots.heatmap(imp["heads"], "attention head importance", "head", plot_dir / "heads.png")
+    plots.heatmap(
+        imp["heads"], f"attention head importance ({imp['head_score']})", "head",
+        plot_dir / "heads.png",
+    )  # fmt: skip
     plots.heatmap(imp["neurons"], "MLP neuron importance", "neuron", plot_dir / "neurons.png")
     plots.heatmap(
         imp["channels_per_layer"],

@@ -75,6 +75,50 @@ def run_forward(
         )
 
 
+def run_loss_backward(
+    model: torch.nn.Module, microbatches: Sequence[torch.Tensor], vocab_size: int
+) -> None:
+    """Forward and backward of the mean next-token loss of each micro-batch [b, s+1] through
+    the pipeline, parameters frozen: only activation gradients flow (read them with tensor
+    hooks, e.g. the taylor head importance). Eval mode (no dropout)."""
+    from contextlib import ExitStack
+
+    model.eval()
+    b, s_plus_1 = microbatches[0].shape
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    with ExitStack() as stack:
+        for p in frozen:
+            p.requires_grad_(False)
+        stack.callback(lambda: [p.requires_grad_(True) for p in frozen])
+        # With frozen weights the first stage's embedding output would not need a gradient.
+        if parallel_state.is_pipeline_first_stage():
+            handle = model.embedding.register_forward_hook(
+                lambda _m, _a, out: out.detach().requires_grad_(True)
+            )
+            stack.callback(handle.remove)
+
+        def step(data_iterator, model_chunk):
+            batch = next(data_iterator)
+            tokens = batch[:, :-1]
+            out = model_chunk(tokens, position_ids(tokens), attention_mask=None)
+
+            def loss(logits_bsv):
+                value = token_losses(logits_bsv, batch[:, 1:], vocab_size).mean()
+                return value, {"loss": value.detach()}
+
+            return out, loss
+
+        get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=iter(microbatches),
+            model=[model],
+            num_microbatches=len(microbatches),
+            seq_length=s_plus_1 - 1,
+            micro_batch_size=b,
+            forward_only=False,
+        )
+
+
 def forward_logits(model: torch.nn.Module, tokens_bs: torch.Tensor) -> torch.Tensor | None:
     """Full-vocabulary logits [b, s, padded_v] on the last pipeline stage, None on others.
 

@@ -1,0 +1,172 @@
+"""Architecture search: the enumeration is exactly the budget's valid grid; the search on a tiny
+model picks by held-out loss after the short distillation and, killed mid-distillation and
+rerun, gives the same candidates, losses and choice as an uninterrupted search."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from minitron_nemo.config import DistillConfig, PruneConfig, SearchConfig
+from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
+from minitron_nemo.errors import MinitronError
+from minitron_nemo.models.arch import ModelArch
+from minitron_nemo.prune.plan import target_arch
+from minitron_nemo.prune.search import spearman
+from minitron_nemo.prune.search_space import SearchTargets, count_params, enumerate_candidates
+from minitron_nemo.prune.stage import run_prune
+from tests.helpers import REPO, make_tiny_hf, random_documents, token_data_spec
+
+LLAMA_8B = ModelArch("llama", 128256, 4096, 14336, 32, 32, 8, 128, 131072, 5e5, 1e-5)
+
+
+def _p1_space(**overrides) -> SearchConfig:
+    base = dict(
+        target_params=4_500_000_000, tolerance=0.03, hidden_size_step=512,
+        ffn_hidden_size_step=1024, max_width_reduction=0.5, max_depth_reduction=0.5,
+        max_candidates=1000,
+    )  # fmt: skip
+    return SearchConfig(**{**base, **overrides})
+
+
+def test_enumeration_is_exactly_the_valid_grid_in_budget():
+    search = _p1_space()
+    found = {
+        (a.num_layers, a.hidden_size, a.ffn_hidden_size, a.num_attention_heads)
+        for a in enumerate_candidates(LLAMA_8B, search, tp=8)
+    }
+    # Brute force over every integer size in the limits: valid + in budget + on the steps.
+    expected = set()
+    for layers, hidden, ffn, per_group in itertools.product(
+        range(16, 33), range(2048, 4097, 256), range(7168, 14337, 512), range(2, 5)
+    ):
+        on_steps = (hidden == 4096 or hidden % 512 == 0) and (ffn == 14336 or ffn % 1024 == 0)
+        if not on_steps:
+            continue
+        sizes = dict(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
+                     num_attention_heads=per_group * 8)  # fmt: skip
+        try:
+            arch = target_arch(LLAMA_8B, SearchTargets(**sizes), tp=8)
+        except MinitronError:
+            continue
+        if 0.97 * 4.5e9 <= arch.num_parameters() <= 4.5e9:
+            expected.add((layers, hidden, ffn, per_group * 8))
+    assert found == expected and len(found) > 20
+    assert min(f[0] for f in found) >= 16 and min(f[1] for f in found) >= 2048
+    assert min(f[2] for f in found) >= 7168 and min(f[3] for f in found) >= 16
+    narrow = enumerate_candidates(LLAMA_8B, _p1_space(max_depth_reduction=0.2), tp=8)
+    assert min(a.num_layers for a in narrow) >= 26
+    non_emb = _p1_space(count="non_embedding", target_params=3_500_000_000)
+    for arch in enumerate_candidates(LLAMA_8B, non_emb, tp=8):
+        assert 0.97 * 3.5e9 <= count_params(arch, "non_embedding") <= 3.5e9
+
+
+def test_impossible_budget_and_explicit_sizes_are_refused():
+    with pytest.raises(MinitronError, match="no architecture"):
+        enumerate_candidates(LLAMA_8B, _p1_space(target_params=1_000_000_000))
+    with pytest.raises(MinitronError, match="remove prune.hidden_size"):
+        PruneConfig(hidden_size=512, search=_p1_space())
+    with pytest.raises(MinitronError, match="max_candidates"):
+        enumerate_candidates(LLAMA_8B, _p1_space(max_candidates=3), tp=8)
+
+
+def test_spearman():
+    assert spearman([1, 2, 3], [10, 20, 30]) == 1.0
+    assert spearman([1, 2, 3], [3, 2, 1]) == -1.0
+
+
+# -- the search on a tiny model ------------------------------------------------------------
+SEARCH = dict(
+    target_params=131_000, tolerance=0.12, axes=["ffn_hidden_size", "num_layers"],
+    ffn_hidden_size_step=8, top_k=2, steps=2, eval_every=1,
+)  # fmt: skip
+DISTILL = dict(global_batch_size=4, micro_batch_size=2, lr=3e-3, min_lr=3e-4, warmup_steps=1,
+               kd_chunk_tokens=7)  # fmt: skip
+
+KILLED = """
+import json, sys
+from pathlib import Path
+from functools import partial
+from minitron_nemo.config import DistillConfig, PruneConfig, SearchConfig
+from minitron_nemo.data.datasets import DataSpec
+from minitron_nemo.distill.trainer import TrainHooks
+from minitron_nemo.prune.stage import run_prune
+from tests.fault_hooks import kill_at
+spec = json.loads(Path(sys.argv[1]).read_text())
+cfg = PruneConfig(search=SearchConfig(**spec["search"]), depth_eval_samples=4,
+                  micro_batch_size=2, hf_output=False)
+hooks = TrainHooks(after_step=partial(kill_at, 1))  # dies in the first short distillation
+run_prune(Path(spec["ckpt"]), Path(spec["out"]), cfg, DataSpec(**spec["data"]),
+          distill=DistillConfig(**spec["distill"]), hooks=hooks)
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    make_tiny_hf("llama", root / "hf", seed=7, head_dim=16)
+    hf_to_mcore(root / "hf", root / "mc")
+    docs = random_documents(40, 25, seed=3)
+    data = token_data_spec(root / "data", docs, seq_length=16, split="80,0,20",
+                           heldout_samples=8, calibration_samples=12)  # fmt: skip
+    return root, data
+
+
+def _prune_cfg() -> PruneConfig:
+    return PruneConfig(search=SearchConfig(**SEARCH), depth_eval_samples=4, micro_batch_size=2,
+                       hf_output=False)  # fmt: skip
+
+
+def test_search_picks_after_distillation_and_resumes_after_a_kill(tiny, tmp_path):
+    import dataclasses
+
+    root, data = tiny
+    full = run_prune(root / "mc", tmp_path / "full" / "prune", _prune_cfg(), data,
+                     distill=DistillConfig(**DISTILL))["search"]  # fmt: skip
+    rows = full["candidates"]
+    assert len(rows) == 4 and all(115_000 <= r["params"] <= 131_000 for r in rows)
+    kept = [r for r in rows if r["final_loss"] is not None]
+    assert len(kept) == 2 and {r["zero_shot_rank"] for r in kept} == {1, 2}
+    assert all([s for s, _ in r["curve"]] == [0, 1, 2] for r in kept)
+    best = min(kept, key=lambda r: r["final_loss"])
+    assert full["chosen"] == best["name"] and best["final_rank"] == 1
+    assert (tmp_path / "full" / "prune" / "plots" / "search.png").is_file()
+    chosen_arch = ModelArch.load(tmp_path / "full" / "prune" / "ckpt" / "arch.yaml")
+    assert chosen_arch.num_layers == best["arch"]["num_layers"]
+    assert chosen_arch.ffn_hidden_size == best["arch"]["ffn_hidden_size"]
+
+    spec = {
+        "ckpt": str(root / "mc"),
+        "out": str(tmp_path / "killed" / "prune"),
+        "search": SEARCH,
+        "distill": DISTILL,
+        "data": dataclasses.asdict(data),
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    # Own session, output to a file: a SIGKILLed trainer leaves dist-checkpoint helper
+    # processes that would keep a pipe open; stragglers are killed.
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", KILLED, str(tmp_path / "spec.json")], cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            assert proc.wait(timeout=600) != 0
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert not (tmp_path / "killed" / "prune").exists()  # no half-written stage output
+    work = tmp_path / "killed" / "prune_search"
+    assert len(list(work.glob("c*/zero_shot.json"))) == 4 and not list(work.glob("c*/result.json"))
+    resumed = run_prune(root / "mc", tmp_path / "killed" / "prune", _prune_cfg(), data,
+                        distill=DistillConfig(**DISTILL))["search"]  # fmt: skip
+    assert resumed["candidates"] == full["candidates"]
+    assert resumed["chosen"] == full["chosen"]
