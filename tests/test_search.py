@@ -20,7 +20,7 @@ from minitron_nemo.errors import MinitronError
 from minitron_nemo.models.arch import ModelArch
 from minitron_nemo.prune.plan import target_arch
 from minitron_nemo.prune.search import spearman
-from minitron_nemo.prune.search_space import SearchTargets, count_params, enumerate_candidates
+from minitron_nemo.prune.search_space import count_params, enumerate_candidates
 from minitron_nemo.prune.stage import run_prune
 from tests.helpers import REPO, make_tiny_hf, random_documents, token_data_spec
 
@@ -53,7 +53,7 @@ def test_enumeration_is_exactly_the_valid_grid_in_budget():
         sizes = dict(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
                      num_attention_heads=per_group * 8)  # fmt: skip
         try:
-            arch = target_arch(LLAMA_8B, SearchTargets(**sizes), tp=8)
+            arch = target_arch(LLAMA_8B, PruneConfig(**sizes), tp=8)
         except MinitronError:
             continue
         if 0.97 * 4.5e9 <= arch.num_parameters() <= 4.5e9:

@@ -12,25 +12,11 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
 
+from minitron_nemo.config import PruneConfig
 from minitron_nemo.errors import MinitronError
 from minitron_nemo.models.arch import ModelArch
 from minitron_nemo.prune.plan import target_arch
-
-
-@dataclass
-class SearchTargets:
-    """A plan.Targets for one grid point (sizes set, no search of its own)."""
-
-    hidden_size: int | None = None
-    ffn_hidden_size: int | None = None
-    num_attention_heads: int | None = None
-    num_query_groups: int | None = None
-    num_layers: int | None = None
-    drop_layers: list[int] | None = None
-    target_params: int | None = None
-    search_axes: tuple = ()
 
 
 def _down(value: int, step: int, max_reduction: float) -> list[int]:
@@ -78,7 +64,7 @@ def enumerate_candidates(source: ModelArch, search, tp: int = 1, pp: int = 1) ->
     for combo in itertools.product(*grids.values()):
         sizes = dict(zip(grids, combo, strict=True))
         try:
-            arch = target_arch(source, SearchTargets(**sizes), tp, pp)
+            arch = target_arch(source, PruneConfig(**sizes), tp, pp)
         except MinitronError:
             continue
         if low <= count_params(arch, search.count) <= search.target_params:
