@@ -101,7 +101,12 @@ def test_report_has_the_table_and_plots(tiny_run):
         assert (tiny_run.dir / "report" / png).stat().st_size > 1000, png
     results = json.loads((tiny_run.dir / "eval" / "results.json").read_text())
     assert results["distilled"]["params"] < results["teacher"]["params"]
-    assert results["distilled"]["heldout_loss"] < results["pruned (no training)"]["heldout_loss"]
+    # The tiny teacher is random, and the pruned student can already beat it on held-out text
+    # (it does since heads are scored by taylor), so distillation is checked by moving the
+    # student towards its teacher; distilled < pruned is the slow SmolLM2 tests' claim.
+    teacher = results["teacher"]["heldout_loss"]
+    distilled = abs(results["distilled"]["heldout_loss"] - teacher)
+    assert distilled < abs(results["pruned (no training)"]["heldout_loss"] - teacher)
 
 
 def test_exported_student_loads_with_transformers(tiny_run):
