@@ -7,7 +7,6 @@ A micro-batch of samples is [b, s + 1]: inputs are [:, :-1], next-token labels [
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -39,6 +38,33 @@ def mask_vocab_padding(logits_bsv: torch.Tensor, vocab_size: int) -> torch.Tenso
     return torch.where(keep, logits_bsv, torch.full_like(logits_bsv, PAD_LOGIT))
 
 
+def _run_schedule(
+    model: torch.nn.Module,
+    microbatches: Sequence[torch.Tensor],
+    output_fn: Callable[[torch.Tensor], Callable],
+    forward_only: bool,
+) -> list[object]:
+    """Every micro-batch [b, s+1] through megatron's pipeline schedule; `output_fn(batch)` is
+    the schedule's function of the last stage's output (loss or collected data)."""
+    b, s_plus_1 = microbatches[0].shape
+
+    def step(data_iterator, model_chunk):
+        batch = next(data_iterator)
+        tokens = batch[:, :-1]
+        return model_chunk(tokens, position_ids(tokens), attention_mask=None), output_fn(batch)
+
+    return get_forward_backward_func()(
+        forward_step_func=step,
+        data_iterator=iter(microbatches),
+        model=[model],
+        num_microbatches=len(microbatches),
+        seq_length=s_plus_1 - 1,
+        micro_batch_size=b,
+        forward_only=forward_only,
+        collect_non_loss_data=forward_only,
+    )
+
+
 def run_forward(
     model: torch.nn.Module,
     microbatches: Sequence[torch.Tensor],
@@ -50,29 +76,12 @@ def run_forward(
     there (an empty list on other stages).
     """
     model.eval()
-    b, s_plus_1 = microbatches[0].shape
 
-    def step(data_iterator, model_chunk):
-        batch = next(data_iterator)
-        tokens = batch[:, :-1]
-        out = model_chunk(tokens, position_ids(tokens), attention_mask=None)
-
-        def collect(output, non_loss_data=False):
-            return on_output(output, batch)
-
-        return out, partial(collect)
+    def collect(batch):
+        return lambda output, non_loss_data=False: on_output(output, batch)
 
     with torch.no_grad():
-        return get_forward_backward_func()(
-            forward_step_func=step,
-            data_iterator=iter(microbatches),
-            model=[model],
-            num_microbatches=len(microbatches),
-            seq_length=s_plus_1 - 1,
-            micro_batch_size=b,
-            forward_only=True,
-            collect_non_loss_data=True,
-        )
+        return _run_schedule(model, microbatches, collect, forward_only=True)
 
 
 def run_loss_backward(
@@ -84,7 +93,6 @@ def run_loss_backward(
     from contextlib import ExitStack
 
     model.eval()
-    b, s_plus_1 = microbatches[0].shape
     frozen = [p for p in model.parameters() if p.requires_grad]
     with ExitStack() as stack:
         for p in frozen:
@@ -97,26 +105,14 @@ def run_loss_backward(
             )
             stack.callback(handle.remove)
 
-        def step(data_iterator, model_chunk):
-            batch = next(data_iterator)
-            tokens = batch[:, :-1]
-            out = model_chunk(tokens, position_ids(tokens), attention_mask=None)
-
+        def mean_loss(batch):
             def loss(logits_bsv):
                 value = token_losses(logits_bsv, batch[:, 1:], vocab_size).mean()
                 return value, {"loss": value.detach()}
 
-            return out, loss
+            return loss
 
-        get_forward_backward_func()(
-            forward_step_func=step,
-            data_iterator=iter(microbatches),
-            model=[model],
-            num_microbatches=len(microbatches),
-            seq_length=s_plus_1 - 1,
-            micro_batch_size=b,
-            forward_only=False,
-        )
+        _run_schedule(model, microbatches, mean_loss, forward_only=False)
 
 
 def forward_logits(model: torch.nn.Module, tokens_bs: torch.Tensor) -> torch.Tensor | None:
