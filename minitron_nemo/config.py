@@ -158,12 +158,20 @@ class SearchConfig:
     """Distillation steps per kept candidate (the run's distill settings, same batches)."""
     eval_every: int = 5
     """Held-out loss along the short distillation every this many steps."""
+    teacher_cache_k: int | None = 64
+    """The short distillations read the teacher's top K logits from a cache computed once
+    (run_dir/prune_search/teacher_cache; their KD loss is kl topk with this K); null = run the
+    teacher for every candidate with the run's distill.kl."""
+    teacher_cache_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Storage of the cached log-probabilities."""
 
     def __post_init__(self) -> None:
         _check_choices(self, "prune.search")
         _positive(self, "prune.search", "target_params", "hidden_size_step")
         _positive(self, "prune.search", "ffn_hidden_size_step", "num_layers_step")
         _positive(self, "prune.search", "max_candidates", "top_k", "steps", "eval_every")
+        if self.teacher_cache_k is not None:
+            _positive(self, "prune.search", "teacher_cache_k")
         for name in ("tolerance", "max_width_reduction", "max_depth_reduction"):
             if not 0 <= getattr(self, name) < 1:
                 raise MinitronError(
@@ -250,8 +258,13 @@ class DistillConfig:
     clip_grad: float = 1.0
     adam_beta2: float = 0.95
     kl: Literal["forward", "reverse", "topk"] = "forward"
-    """forward (KL(teacher || student), the paper's best), reverse, or topk."""
+    """forward (KL(teacher || student), the paper's best), reverse, or topk (forward KL on the
+    teacher's top_k tokens plus one bucket for the rest of its mass)."""
     top_k: int = 100
+    teacher_cache: str | None = None
+    """A teacher top-K cache (built by the architecture search, prune_search/teacher_cache, or
+    `minitron teacher-cache`) to distill from instead of running the teacher: needs kl topk with
+    the cache's K and temperature, and the same data; no intermediate_pairs."""
     temperature: float = 1.0
     logits_weight: float = 1.0
     """Weight of the logit KD loss (0 disables it)."""
@@ -325,6 +338,12 @@ class DistillConfig:
                 raise MinitronError(
                     f"distill.intermediate_pairs: expected [student_layer, teacher_layer] of "
                     f"layer indices >= 0, got {pair}"
+                )
+        if self.teacher_cache is not None:
+            if self.mode != "distill" or self.kl != "topk" or self.intermediate_pairs:
+                raise MinitronError(
+                    "distill.teacher_cache holds the teacher's top-K logits only: it needs "
+                    "mode distill, kl topk and no intermediate_pairs"
                 )
         if (
             self.mode == "distill"
@@ -412,8 +431,6 @@ class RunConfig:
                 f"distill.global_batch_size {d.global_batch_size} is not a multiple of "
                 f"micro_batch_size x parallel.dp = {d.micro_batch_size} x {p.dp}"
             )
-        if d.kl == "topk" and p.tp > 1:
-            raise MinitronError("distill.kl = topk is not supported at parallel.tp > 1")
         if self.prune.depth_eval_samples >= self.data.calibration_samples:
             raise MinitronError(
                 f"prune.depth_eval_samples ({self.prune.depth_eval_samples}) must be smaller "

@@ -133,13 +133,23 @@ def top_k_forward_kl(
     temperature: float = 1.0,
     mask_t: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Forward KL restricted to the teacher's top-k tokens, both distributions renormalised on
-    that set (P1's top-K ablation). Full vocabulary on one rank (TP = 1)."""
+    """Forward KL on the teacher's top-k tokens plus one bucket for the rest of the vocabulary
+    (the reference formula of distill/topk_loss.py, by autograd; full vocabulary on one rank):
+    sum_{i in S} p_i (log p_i - log q_i) + P_tail (log P_tail - log Q_tail), scaled by T^2."""
     top = teacher_logits_tv.detach().topk(k, dim=-1).indices
-    t = _upcast(teacher_logits_tv.detach().gather(-1, top)) / temperature
-    s = _upcast(student_logits_tv.gather(-1, top)) / temperature
-    log_p, log_q = t.log_softmax(-1), s.log_softmax(-1)
-    kl_t = (log_p.exp() * (log_p - log_q)).sum(-1)
+    log_p = _upcast(teacher_logits_tv.detach() / temperature).log_softmax(-1)
+    log_q = _upcast(student_logits_tv / temperature).log_softmax(-1)
+    in_top = torch.zeros_like(log_p, dtype=torch.bool).scatter_(-1, top, True)
+
+    def tail(x):
+        return x.masked_fill(in_top, float("-inf")).logsumexp(-1)
+
+    lp_s, lq_s = log_p.gather(-1, top), log_q.gather(-1, top)
+    lp_tail, lq_tail = tail(log_p), tail(log_q)
+    tail_term = torch.where(
+        lp_tail > float("-inf"), lp_tail.exp() * (lp_tail - lq_tail), torch.zeros_like(lp_tail)
+    )
+    kl_t = (lp_s.exp() * (lp_s - lq_s)).sum(-1) + tail_term
     return _masked_mean(kl_t, mask_t) * temperature**2
 
 

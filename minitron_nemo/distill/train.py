@@ -107,7 +107,7 @@ def train(
 
     check_environment(cfg)
     checkpoint.require_checkpoint(student_ckpt)
-    if cfg.mode == "distill":
+    if cfg.mode == "distill" and cfg.teacher_cache is None:
         if teacher_ckpt is None:
             raise MinitronError("distill: a teacher checkpoint is required in mode=distill")
         checkpoint.require_checkpoint(teacher_ckpt)
@@ -119,6 +119,11 @@ def train(
     # The train view for this training's length, built once before the ranks start.
     data = dataclasses.replace(data, train_samples=cfg.steps * cfg.global_batch_size)
     build_indices(data, ("train",))
+    if cfg.teacher_cache is not None:
+        from minitron_nemo.distill.teacher_cache import check_cache
+
+        check_cache(Path(cfg.teacher_cache), cfg.top_k, cfg.temperature,
+                    student_ckpt / "tokenizer", data, cfg.micro_batch_size)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "distill_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     (out / OUTCOME).unlink(missing_ok=True)

@@ -28,13 +28,13 @@ import torch.distributed as dist
 
 from minitron_nemo import checkpoint
 from minitron_nemo.config import DistillConfig
-from minitron_nemo.data.datasets import DataSpec, step_microbatches, train_reader
+from minitron_nemo.data.datasets import DataSpec, step_sample_indices, train_reader
 from minitron_nemo.distill.checkpoints import CheckpointManager, latest_checkpoint
-from minitron_nemo.distill.losses import top_k_forward_kl
 from minitron_nemo.distill.monitor import TrainMonitor, forward_flops_per_token, peak_flops
 from minitron_nemo.distill.pair import KDPair, output_weight
+from minitron_nemo.distill.topk_loss import TeacherTopK
 from minitron_nemo.distill.train import async_save_available
-from minitron_nemo.distill.vocab_loss import chunked_vocab_losses, mask_padding
+from minitron_nemo.distill.vocab_loss import chunked_vocab_losses
 from minitron_nemo.models.arch import ModelArch
 from minitron_nemo.runtime.preemption import StopRequest
 
@@ -133,7 +133,12 @@ class Trainer:
         if not init_random:
             checkpoint.load_weights(self.student, student_ckpt / "weights")
         self.teacher = None
-        if cfg.mode == "distill":
+        self.cache = None
+        if cfg.teacher_cache is not None:  # the teacher's top K, read instead of running it
+            from minitron_nemo.distill.teacher_cache import TeacherCache
+
+            self.cache = TeacherCache(Path(cfg.teacher_cache))
+        elif cfg.mode == "distill":
             t_arch = self.teacher_arch = ModelArch.load(teacher_ckpt / "arch.yaml")
             self.teacher = build_model(
                 t_arch,
@@ -287,8 +292,9 @@ class Trainer:
         )
 
     # -- one step ----------------------------------------------------------------------
-    def _loss(self, labels_bs: torch.Tensor, hidden_sbh: torch.Tensor):
-        """Last stage: the micro-batch's loss from both models' final hidden states."""
+    def _loss(self, labels_bs: torch.Tensor, cached: TeacherTopK | None, hidden_sbh: torch.Tensor):
+        """Last stage: the micro-batch's loss from both models' final hidden states (or the
+        student's and the teacher's cached top K, [b, s, K])."""
         from megatron.core import parallel_state, tensor_parallel
 
         cfg, pair = self.cfg, self.pair
@@ -307,32 +313,31 @@ class Trainer:
         w_s = output_weight(self.student)
         w_t = output_weight(self.teacher) if self.teacher is not None else None
         vocab_start = parallel_state.get_tensor_model_parallel_rank() * w_s.shape[0]
-        distill = self.teacher is not None and cfg.logits_weight > 0
-        lm_weight = cfg.lm_weight if self.teacher is not None else 1.0
+        has_teacher = self.teacher is not None or self.cache is not None
+        distill = has_teacher and cfg.logits_weight > 0
+        lm_weight = cfg.lm_weight if has_teacher else 1.0
+        if cached is not None:  # [b, s, ...] -> tokens in [s, b] order, like the hidden states
+            cached = TeacherTopK(*(x.transpose(0, 1).flatten(0, 1) for x in cached))
         kl_t, nll_t = chunked_vocab_losses(
             h_s,
-            h_t if distill and cfg.kl != "topk" else None,
+            h_t if distill else None,
             labels_t,
             w_s,
             w_t,
             self.arch.vocab_size,
             vocab_start,
             cfg.temperature,
-            cfg.kl if cfg.kl != "topk" else "forward",
+            cfg.kl,
             nll_grad=lm_weight > 0,
             chunk_tokens=cfg.kd_chunk_tokens,
             group=tp_group,
+            top_k=cfg.top_k,
+            cached=cached if distill else None,
         )
         terms: dict[str, torch.Tensor] = {"loss_lm": nll_t.mean()}
         total = lm_weight * terms["loss_lm"] if lm_weight > 0 else None
         if distill:
-            if cfg.kl == "topk":  # TP = 1 (checked at load): full logits, reference formula
-                s_logits = mask_padding(h_s @ w_s.T, self.arch.vocab_size, 0)
-                with torch.no_grad():
-                    t_logits = mask_padding(h_t @ w_t.T, self.arch.vocab_size, 0)
-                kl = top_k_forward_kl(s_logits, t_logits, cfg.top_k, cfg.temperature)
-            else:
-                kl = kl_t.mean() * cfg.temperature**2
+            kl = kl_t.mean() * cfg.temperature**2
             terms["loss_logits"] = kl
             total = cfg.logits_weight * kl if total is None else total + cfg.logits_weight * kl
         terms["loss"] = total
@@ -380,17 +385,20 @@ class Trainer:
 
         cfg, ctx = self.cfg, self.ctx
         start = time.perf_counter()
-        mbs = [
-            m.to(ctx.device)
-            for m in step_microbatches(
-                self.reader,
-                self.state.consumed_samples,
-                cfg.global_batch_size,
-                cfg.micro_batch_size,
-                ctx.dp_rank,
-                ctx.dp,
-            )
-        ]
+        mbs = []
+        for idx in step_sample_indices(
+            self.state.consumed_samples,
+            cfg.global_batch_size,
+            cfg.micro_batch_size,
+            ctx.dp_rank,
+            ctx.dp,
+        ):
+            batch = self.reader.read(idx)
+            cached = None
+            if self.cache is not None and ctx.is_last_stage:
+                self.cache.check_batch(idx, batch)
+                cached = TeacherTopK(*(x.to(ctx.device) for x in self.cache.read(idx)))
+            mbs.append((batch.to(ctx.device), cached))
         data_time = time.perf_counter() - start
         dynamic = cfg.dynamic_alpha and self.pair.pairs
         alpha = self.alpha if dynamic else cfg.intermediate_weight
@@ -400,8 +408,8 @@ class Trainer:
         self.optimizer.zero_grad()
 
         def forward_step(data_iterator, model):
-            batch = next(data_iterator)
-            return model(batch[:, :-1]), partial(self._loss, batch[:, 1:])
+            batch, cached = next(data_iterator)
+            return model(batch[:, :-1]), partial(self._loss, batch[:, 1:], cached)
 
         losses = get_forward_backward_func()(
             forward_step_func=forward_step,

@@ -23,53 +23,18 @@ so full-vocabulary fp32 logits of both models never exist at once.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from minitron_nemo.distill.topk_loss import TeacherTopK, teacher_top_k, top_k_losses
+from minitron_nemo.distill.vocab_parallel import (
+    gather_labels,
+    log_softmax,
+    student_grad,
+    sum_tokens,
+    upcast,
+)
 from minitron_nemo.runtime.forward import PAD_LOGIT
-
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """bf16 / fp16 logits are reduced in fp32; fp32 and fp64 stay as they are."""
-    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
-
-
-def _parallel(group) -> bool:
-    return group is not None and dist.get_world_size(group) > 1
-
-
-def _log_softmax(x_tv: torch.Tensor, group) -> torch.Tensor:
-    """log_softmax over the full vocabulary (no autograd: callers provide the gradient)."""
-    if not _parallel(group):
-        return torch.log_softmax(x_tv, dim=-1)
-    row_max = x_tv.amax(dim=-1, keepdim=True)
-    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-    shifted = x_tv - row_max
-    sum_exp = shifted.exp().sum(dim=-1, keepdim=True)
-    dist.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=group)
-    return shifted.sub_(sum_exp.log_())
-
-
-def _sum_tokens(x_t: torch.Tensor, group) -> torch.Tensor:
-    if _parallel(group):
-        dist.all_reduce(x_t, op=dist.ReduceOp.SUM, group=group)
-    return x_t
-
-
-def _local_labels(labels_t: torch.Tensor, v_local: int, vocab_start: int):
-    """(rows, local column) of the labels that fall in this rank's vocab slice."""
-    local = labels_t - vocab_start
-    rows = ((local >= 0) & (local < v_local)).nonzero(as_tuple=True)[0]
-    return rows, local[rows]
-
-
-def _gather_labels(x_tv: torch.Tensor, labels_t: torch.Tensor, vocab_start: int, group):
-    """x[t, label_t] over the TP-split vocabulary (0 from ranks that do not hold the label)."""
-    out = torch.zeros(x_tv.shape[0], dtype=x_tv.dtype, device=x_tv.device)
-    rows, cols = _local_labels(labels_t, x_tv.shape[1], vocab_start)
-    out[rows] = x_tv[rows, cols]
-    return _sum_tokens(out, group)
 
 
 class _VocabLosses(torch.autograd.Function):
@@ -87,27 +52,27 @@ class _VocabLosses(torch.autograd.Function):
         vocab_start: int,
         group,
     ):
-        s = _upcast(student_tv)
-        log_q1 = _log_softmax(s, group)
-        nll_t = -_gather_labels(log_q1, labels_t, vocab_start, group)
+        s = upcast(student_tv)
+        log_q1 = log_softmax(s, group)
+        nll_t = -gather_labels(log_q1, labels_t, vocab_start, group)
         kl_t = torch.zeros_like(nll_t)
         kl_dir = q1 = None
         if teacher_tv is not None:
-            t = _upcast(teacher_tv)
+            t = upcast(teacher_tv)
             if temperature != 1.0:
                 t = t / temperature
-                log_q = _log_softmax(s / temperature, group)
+                log_q = log_softmax(s / temperature, group)
             else:
                 log_q = log_q1 if not nll_grad else log_q1.clone()
-            log_p = _log_softmax(t, group)
+            log_p = log_softmax(t, group)
             if kind == "forward":
                 p = log_p.exp()
-                kl_t = _sum_tokens(log_p.sub_(log_q).mul_(p).sum(-1), group)
+                kl_t = sum_tokens(log_p.sub_(log_q).mul_(p).sum(-1), group)
                 kl_dir = log_q.exp_().sub_(p)  # q - p
             else:  # reverse: KL(q || p)
                 q = log_q.exp()
                 diff = log_q.sub_(log_p)  # log q - log p
-                kl_t = _sum_tokens((q * diff).sum(-1), group)
+                kl_t = sum_tokens((q * diff).sum(-1), group)
                 kl_dir = diff.sub_(kl_t[:, None]).mul_(q)
             if temperature != 1.0:
                 kl_dir.div_(temperature)
@@ -120,17 +85,7 @@ class _VocabLosses(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_kl_t: torch.Tensor, grad_nll_t: torch.Tensor):
-        kl_dir, q1, labels_t = ctx.saved_tensors
-        grad = None
-        if kl_dir is not None:
-            grad = kl_dir * grad_kl_t[:, None]
-        if q1 is not None:
-            term = q1 * grad_nll_t[:, None]
-            grad = term if grad is None else grad.add_(term)
-            rows, cols = _local_labels(labels_t, q1.shape[1], ctx.vocab_start)
-            grad[rows, cols] -= grad_nll_t[rows]
-        grad = grad.to(ctx.dtype) if grad is not None else None
-        return grad, None, None, None, None, None, None, None
+        return (student_grad(ctx, grad_kl_t, grad_nll_t),) + (None,) * 7
 
 
 def vocab_losses(
@@ -166,6 +121,7 @@ def mask_padding(logits_tv: torch.Tensor, vocab_size: int, vocab_start: int) -> 
 def _chunk(
     h_s: torch.Tensor,
     h_t: torch.Tensor | None,
+    cached: TeacherTopK | None,
     labels_t: torch.Tensor,
     w_s: torch.Tensor,
     w_t: torch.Tensor | None,
@@ -173,6 +129,7 @@ def _chunk(
     vocab_start: int,
     temperature: float,
     kind: str,
+    top_k: int | None,
     nll_grad: bool,
     group,
 ):
@@ -181,11 +138,15 @@ def _chunk(
     if h_t is not None:
         with torch.no_grad():
             teacher = mask_padding(F.linear(h_t, w_t), vocab_size, vocab_start)
-        if teacher.shape[-1] != student.shape[-1]:  # other vocab paddings (one rank only)
+        if kind == "topk":
+            cached, teacher = teacher_top_k(teacher, top_k, temperature, vocab_start, group), None
+        elif teacher.shape[-1] != student.shape[-1]:  # other vocab paddings (one rank only)
             width = max(teacher.shape[-1], student.shape[-1])
             student, teacher = (
                 F.pad(x, (0, width - x.shape[-1]), value=PAD_LOGIT) for x in (student, teacher)
             )
+    if cached is not None:
+        return top_k_losses(student, cached, labels_t, temperature, nll_grad, vocab_start, group)
     return vocab_losses(student, teacher, labels_t, temperature, kind, nll_grad, vocab_start, group)
 
 
@@ -202,10 +163,18 @@ def chunked_vocab_losses(
     nll_grad: bool = False,
     chunk_tokens: int | None = None,
     group=None,
+    top_k: int | None = None,
+    cached: TeacherTopK | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (KL, NLL) [t] from final hidden states and output-layer weight slices, the
     logits made chunk by chunk. `hidden_s_th` must already be the input of a column-parallel
-    linear (replicated over TP, its gradient all-reduced by the caller's mapping)."""
+    linear (replicated over TP, its gradient all-reduced by the caller's mapping).
+
+    kind "topk" is the KL against the teacher's top `top_k` tokens and tail (topk_loss.py),
+    taken from the teacher's hidden states and output weight, or from `cached` (a teacher
+    cache's rows for these tokens, in the same order) when there is no teacher."""
+    if kind == "topk" and hidden_t_th is None and cached is None:
+        raise ValueError("kind topk needs the teacher's hidden states or its cached top K")
     n = hidden_s_th.shape[0]
     chunk = chunk_tokens or n
     kl, nll = [], []
@@ -213,6 +182,7 @@ def chunked_vocab_losses(
         args = (
             hidden_s_th[start : start + chunk],
             None if hidden_t_th is None else hidden_t_th[start : start + chunk],
+            None if cached is None else cached.rows(start, start + chunk),
             labels_t[start : start + chunk],
             weight_s_vh,
             weight_t_vh,
@@ -220,6 +190,7 @@ def chunked_vocab_losses(
             vocab_start,
             temperature,
             kind,
+            top_k,
             nll_grad,
             group,
         )

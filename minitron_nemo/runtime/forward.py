@@ -43,6 +43,7 @@ def _run_schedule(
     microbatches: Sequence[torch.Tensor],
     output_fn: Callable[[torch.Tensor], Callable],
     forward_only: bool,
+    **model_kwargs,
 ) -> list[object]:
     """Every micro-batch [b, s+1] through megatron's pipeline schedule; `output_fn(batch)` is
     the schedule's function of the last stage's output (loss or collected data)."""
@@ -51,7 +52,8 @@ def _run_schedule(
     def step(data_iterator, model_chunk):
         batch = next(data_iterator)
         tokens = batch[:, :-1]
-        return model_chunk(tokens, position_ids(tokens), attention_mask=None), output_fn(batch)
+        out = model_chunk(tokens, position_ids(tokens), attention_mask=None, **model_kwargs)
+        return out, output_fn(batch)
 
     return get_forward_backward_func()(
         forward_step_func=step,
@@ -69,11 +71,13 @@ def run_forward(
     model: torch.nn.Module,
     microbatches: Sequence[torch.Tensor],
     on_output: Callable[[torch.Tensor, torch.Tensor], object],
+    **model_kwargs,
 ) -> list[object]:
     """Forward every micro-batch [b, s+1] through the pipeline (no grad).
 
     `on_output(logits_bsv_local, microbatch)` runs on the last stage; its results are returned
-    there (an empty list on other stages).
+    there (an empty list on other stages). `model_kwargs` go to the model's forward (e.g.
+    megatron's `output_processor`, which changes what the last stage outputs).
     """
     model.eval()
 
@@ -81,7 +85,7 @@ def run_forward(
         return lambda output, non_loss_data=False: on_output(output, batch)
 
     with torch.no_grad():
-        return _run_schedule(model, microbatches, collect, forward_only=True)
+        return _run_schedule(model, microbatches, collect, forward_only=True, **model_kwargs)
 
 
 def run_loss_backward(
