@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from minitron_nemo.config import DistillConfig, PruneConfig, SearchConfig
 from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
@@ -22,7 +23,7 @@ from minitron_nemo.prune.plan import target_arch
 from minitron_nemo.prune.search import spearman
 from minitron_nemo.prune.search_space import count_params, enumerate_candidates
 from minitron_nemo.prune.stage import run_prune
-from tests.helpers import REPO, make_tiny_hf, random_documents, token_data_spec
+from tests.helpers import REPO, VOCAB, make_tiny_hf, random_documents, tiny_config, token_data_spec
 
 LLAMA_8B = ModelArch("llama", 128256, 4096, 14336, 32, 32, 8, 128, 131072, 5e5, 1e-5)
 
@@ -170,3 +171,79 @@ def test_search_picks_after_distillation_and_resumes_after_a_kill(tiny, tmp_path
                         distill=DistillConfig(**DISTILL))["search"]  # fmt: skip
     assert resumed["candidates"] == full["candidates"]
     assert resumed["chosen"] == full["chosen"]
+
+
+# -- a planted case: the zero-shot ranking and the post-distillation ranking disagree -------
+def _markov_documents(n: int, length: int, seed: int) -> list[list[int]]:
+    """Token i + 1 follows a fixed permutation of token i 9 times in 10 (else uniform)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(VOCAB - 3, generator=torch.Generator().manual_seed(99)) + 3
+    docs = []
+    for _ in range(n):
+        doc = [int(torch.randint(3, VOCAB, (1,), generator=g))]
+        for _ in range(length - 1):
+            other = int(torch.randint(3, VOCAB, (1,), generator=g))
+            doc.append(int(perm[doc[-1] - 3]) if torch.rand(1, generator=g) < 0.9 else other)
+        docs.append(doc)
+    return docs
+
+
+def _planted_teacher(out, scale: float = 1000.0):
+    """A 3-layer Llama trained on Markov text, then two function-preserving changes:
+    - a 4th layer that does nothing (attention and MLP outputs zero): dropping it costs no loss,
+      so the depth candidate is the teacher itself zero-shot (and the best zero-shot);
+    - in every trained layer, MLP neurons 64..95 rescaled: up_proj / scale, down_proj * scale.
+      Same function, but their activations are tiny (the width candidate prunes exactly them)
+      and any optimizer step is huge relative to their up_proj weights while down_proj
+      amplifies it: a candidate that keeps them (the depth one) is wrecked by training."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    trained = AutoModelForCausalLM.from_config(
+        tiny_config("llama", head_dim=16, num_hidden_layers=3)
+    )
+    docs = torch.tensor(_markov_documents(2000, 25, seed=4))
+    opt = torch.optim.AdamW(trained.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        batch = docs[torch.randint(0, len(docs), (16,), generator=g)]
+        loss = trained(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", head_dim=16, num_hidden_layers=4))
+    with torch.no_grad():
+        model.load_state_dict(trained.state_dict(), strict=False)
+        model.model.layers[3].self_attn.o_proj.weight.zero_()
+        model.model.layers[3].mlp.down_proj.weight.zero_()
+        for layer in model.model.layers[:3]:
+            layer.mlp.up_proj.weight[64:] /= scale
+            layer.mlp.down_proj.weight[:, 64:] *= scale
+    model.save_pretrained(out)
+
+
+def test_planted_case_the_search_picks_by_the_post_distillation_ranking(tmp_path):
+    from minitron_nemo.eval.heldout import heldout_losses
+
+    _planted_teacher(tmp_path / "hf")
+    hf_to_mcore(tmp_path / "hf", tmp_path / "mc")
+    data = token_data_spec(tmp_path / "data", _markov_documents(60, 25, seed=3), seq_length=16,
+                           split="75,0,25", heldout_samples=16, calibration_samples=12)  # fmt: skip
+    # Budget: exactly two candidates, 4 layers with ffn 64 (width) and 3 layers (depth).
+    search = SearchConfig(target_params=131_000, tolerance=0.06,
+                          axes=["ffn_hidden_size", "num_layers"], ffn_hidden_size_step=32,
+                          top_k=2, steps=2, eval_every=2)  # fmt: skip
+    cfg = PruneConfig(search=search, depth_method="block_importance", micro_batch_size=2,
+                      depth_eval_samples=4, hf_output=False)  # fmt: skip
+    found = run_prune(tmp_path / "mc", tmp_path / "prune", cfg, data,
+                      distill=DistillConfig(**DISTILL))["search"]  # fmt: skip
+    rows = {r["name"]: r for r in found["candidates"]}
+    assert set(rows) == {"L3", "ffn64"}
+    teacher = heldout_losses({"t": tmp_path / "mc"}, data, tmp_path / "t.json")["t"]
+    # Zero-shot the depth candidate is the teacher exactly, and ranks first ...
+    assert rows["L3"]["zero_shot_loss"] == pytest.approx(teacher["heldout_loss"], abs=1e-6)
+    assert rows["L3"]["zero_shot_rank"] == 1 and rows["ffn64"]["zero_shot_rank"] == 2
+    # ... after the short distillation the order is reversed (by far), and that decides.
+    assert rows["ffn64"]["final_loss"] + 1.0 < rows["L3"]["final_loss"]
+    assert rows["ffn64"]["final_rank"] == 1
+    assert found["chosen"] == "ffn64" and found["spearman_zero_shot_vs_distilled"] == -1.0

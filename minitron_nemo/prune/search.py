@@ -8,6 +8,8 @@ held-out loss after `search.steps` distillation steps, not the best zero-shot on
 Work directory (resumable candidate by candidate; every piece is written atomically)::
 
     key.json                     what the work was computed from; a different key starts over
+    teacher_cache/               the teacher's top-K logits of the short distillations' samples
+                                 (search.teacher_cache_k; computed once, read by every candidate)
     cNN-<name>/ckpt/             the pruned candidate (megatron checkpoint, DONE)
     cNN-<name>/zero_shot.json    its held-out loss right after pruning
     cNN-<name>/distill/          the short distillation (resumes from its checkpoints)
@@ -65,8 +67,10 @@ def _work_key(imp_path: Path, cfg: PruneConfig, distill: DistillConfig, teacher:
 
 def search_distill_config(distill: DistillConfig, search) -> DistillConfig:
     """The run's distill settings for `search.steps` steps, a checkpoint every `eval_every`
-    (all kept: each is scored), warmup shortened to at most a quarter of the steps."""
-    return dataclasses.replace(
+    (all kept: each is scored), warmup shortened to at most a quarter of the steps. With the
+    teacher cache the KD loss is the top-K one and hidden-state pairs are dropped (the cache
+    holds the teacher's logits only)."""
+    short = dataclasses.replace(
         distill,
         steps=search.steps,
         warmup_steps=min(distill.warmup_steps, search.steps // 4),
@@ -74,10 +78,48 @@ def search_distill_config(distill: DistillConfig, search) -> DistillConfig:
         keep_every=search.eval_every,
         keep_last=1,
     )
+    if search.teacher_cache_k is not None:
+        short = dataclasses.replace(
+            short, kl="topk", top_k=search.teacher_cache_k, intermediate_pairs=[]
+        )
+    return short
+
+
+def _teacher_cache(
+    teacher_ckpt: Path, short: DistillConfig, search, data: DataSpec, work: Path,
+    tp: int, pp: int, dp: int,
+) -> dict:  # fmt: skip
+    """Build (or finish) the cache of the short distillations' samples; its size and time."""
+    import time
+
+    from minitron_nemo.distill.teacher_cache import CacheMeta, build_teacher_cache
+
+    start = time.perf_counter()
+    cache = build_teacher_cache(
+        teacher_ckpt,
+        dataclasses.replace(data, train_samples=short.steps * short.global_batch_size),
+        work / "teacher_cache",
+        short.top_k,
+        short.temperature,
+        search.teacher_cache_dtype,
+        tp=tp, pp=pp, dp=dp,
+        micro_batch=short.micro_batch_size,
+        round_samples=short.global_batch_size,
+        chunk_tokens=short.kd_chunk_tokens,
+    )  # fmt: skip
+    meta = CacheMeta.read(cache)
+    return {
+        "path": str(cache),
+        "top_k": meta.top_k,
+        "tokens": meta.samples * meta.seq_length,
+        "bytes": sum(f.stat().st_size for f in cache.glob("*.bin")),
+        "bytes_per_token": meta.bytes_per_token(),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def _short_distillation(
-    cand: dict, short: DistillConfig, data: DataSpec, teacher_ckpt: Path, work: Path,
+    cand: dict, short: DistillConfig, data: DataSpec, teacher_ckpt: Path | None, work: Path,
     tp: int, pp: int, dp: int, hooks,
 ) -> dict:  # fmt: skip
     """Distill one candidate (resuming its own checkpoints) and score every checkpoint on the
@@ -166,10 +208,18 @@ def run_search(
     kept = by_zero[: search.top_k]
 
     short = search_distill_config(distill, search)
+    todo_distill = [c for c in kept if not (c["dir"] / "result.json").is_file()]
+    short_teacher, cache_info = teacher_ckpt, _read_json(work / "teacher_cache.json")
+    if search.teacher_cache_k is not None:
+        if todo_distill and cache_info is None:
+            cache_info = _teacher_cache(teacher_ckpt, short, search, data, work, tp, pp, dp)
+            _write_json(work / "teacher_cache.json", cache_info)
+        short = dataclasses.replace(short, teacher_cache=str(work / "teacher_cache"))
+        short_teacher = None
     for c in kept:
         result = _read_json(c["dir"] / "result.json")
         if result is None:
-            result = _short_distillation(c, short, data, teacher_ckpt, work, tp, pp, dp, hooks)
+            result = _short_distillation(c, short, data, short_teacher, work, tp, pp, dp, hooks)
         c["curve"], c["final_loss"] = result["curve"], result["final_loss"]
     by_final = sorted(kept, key=lambda c: (c["final_loss"], c["zero_shot_rank"]))
     for rank, c in enumerate(by_final, 1):
@@ -205,4 +255,5 @@ def run_search(
         "chosen": best["name"],
         "chosen_dir": str(best["dir"]),
         "why": why,
+        "teacher_cache": cache_info,
     }

@@ -172,6 +172,14 @@ def search_section(found: dict | None) -> list[str]:
             f"{c['zero_shot_loss']:.4f} | {c['zero_shot_rank']} | {after} |"
         )
     rho = found["spearman_zero_shot_vs_distilled"]
+    cache = found.get("teacher_cache")
+    teacher = "the teacher ran in every short distillation."
+    if cache:
+        teacher = (
+            f"the short distillations read the teacher's top {cache['top_k']} logits from a "
+            f"cache computed once in {cache['seconds']:.0f} s ({cache['tokens']:,} tokens, "
+            f"{cache['bytes'] / 1e6:.1f} MB, {cache['bytes_per_token']:.0f} B per token)."
+        )
     return [
         "## Architecture search",
         "",
@@ -179,6 +187,7 @@ def search_section(found: dict | None) -> list[str]:
         "",
         f"Spearman correlation of the zero-shot and post-distillation rankings (top "
         f"{found['top_k']}): {'n/a' if rho is None else f'{rho:.2f}'}. Chosen: {found['why']}.",
+        f"Teacher: {teacher}",
         "",
     ]
 
