@@ -1,4 +1,5 @@
-"""`minitron` command line: run, prune, distill, status, validate, recipes, convert, data, fetch.
+"""`minitron` command line: run, prune, distill, teacher-cache, status, validate, recipes,
+convert, data, fetch.
 
 Imports here are light (no torch / megatron / transformers at module level): each command
 imports what it needs, so `minitron validate` and `minitron status` answer quickly."""
@@ -96,6 +97,28 @@ def _cmd_distill(args: argparse.Namespace) -> None:
     print(f"student checkpoint: {pipeline.final_checkpoint('distill')}")
 
 
+def _cmd_teacher_cache(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from minitron_nemo.distill.teacher_cache import CacheMeta, build_teacher_cache
+
+    pipeline = _pipeline(args)
+    pipeline.run(from_stage=args.from_stage, until="correct")  # teacher, data (correction)
+    p, d = pipeline.cfg.parallel, pipeline.cfg.distill
+    data = dataclasses.replace(pipeline.data_spec(), train_samples=d.steps * d.global_batch_size)
+    out = build_teacher_cache(
+        pipeline.teacher_ckpt, data, args.out, d.top_k, d.temperature, args.dtype,
+        tp=p.tp, pp=p.pp, dp=p.dp, micro_batch=d.micro_batch_size,
+        round_samples=d.global_batch_size, chunk_tokens=d.kd_chunk_tokens,
+    )  # fmt: skip
+    meta = CacheMeta.read(out)
+    size = sum(f.stat().st_size for f in out.glob("*.bin"))
+    print(
+        f"wrote {out}: top {meta.top_k} of {meta.samples * meta.seq_length:,} tokens, "
+        f"{size / 1e6:.1f} MB; distill from it with distill.kl=topk distill.teacher_cache={out}"
+    )
+
+
 def _cmd_validate(args: argparse.Namespace) -> None:
     from minitron_nemo.packaged import resolve_recipe
     from minitron_nemo.validate import validate_recipe
@@ -172,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     distill = sub.add_parser("distill", help="run the chain up to the distill stage (resumes)")
     _add_recipe_args(distill, positional=False)
     distill.set_defaults(func=_cmd_distill)
+    cache = sub.add_parser(
+        "teacher-cache",
+        help="the teacher's top-K logits (distill.top_k, distill.temperature) of the recipe's "
+        "distillation samples, for distill.teacher_cache",
+    )
+    _add_recipe_args(cache, positional=False)
+    cache.add_argument("--out", type=Path, required=True, help="cache directory to write")
+    cache.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                       help="storage of the log-probabilities")  # fmt: skip
+    cache.set_defaults(func=_cmd_teacher_cache)
     validate = sub.add_parser(
         "validate", help="check recipes (and key=value overrides) without running anything"
     )

@@ -194,6 +194,8 @@ class Pipeline:
 
         from minitron_nemo.distill.train import train
 
+        if mode != "distill":  # a teacher cache only feeds distillation
+            overrides.setdefault("teacher_cache", None)
         cfg = dataclasses.replace(self.cfg.distill, mode=mode, **overrides)
         p = self.cfg.parallel
         return train(

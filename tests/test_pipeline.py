@@ -175,6 +175,28 @@ def test_changing_a_prune_target_reruns_prune_and_everything_after(tiny_run, tmp
     assert rows["scratch"]["headline"].startswith("step 6/6")
 
 
+def test_teacher_cache_command_feeds_the_distill_stage(tiny_run, tmp_path, capsys):
+    """`minitron teacher-cache` writes the top K of the recipe's distillation samples; the
+    distill stage then runs from it without the teacher's weights (and scratch, which has no
+    teacher, ignores the setting)."""
+    from minitron_nemo.cli import main
+
+    run_dir = copy_of(tiny_run, tmp_path / "run")
+    topk = ["distill.kl=topk", "distill.top_k=16"]
+    args = tiny_overrides(tiny_run.root, run_dir) + topk
+    cache = tmp_path / "cache"
+    recipe = str(REPO / "recipes/smollm2_135m_cpu.yaml")
+    assert main(["teacher-cache", "--config", recipe, "--out", str(cache), *args]) == 0
+    assert f"wrote {cache}: top 16 of 768 tokens" in capsys.readouterr().out
+    shutil.rmtree(run_dir / "teacher" / "weights")  # the distill stage must not need them
+    pipeline = tiny_pipeline(tiny_run.root, run_dir, *topk, f"distill.teacher_cache={cache}")
+    assert pipeline.plan()["distill"][0] == "rerun" and pipeline.plan()["prune"][0] == "skip"
+    pipeline.run(until="scratch")
+    metrics = read_metrics(run_dir / "distill")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert all(m["loss_logits"] > 0 for m in metrics)
+
+
 def test_moved_run_directory_resumes_and_reports(tiny_run, tmp_path):
     """An interrupted run (distill stopped after its step-3 checkpoint, nothing after it),
     moved elsewhere, resumes distillation from step 3 and reports from its own outputs."""

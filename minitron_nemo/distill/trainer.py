@@ -327,7 +327,7 @@ class Trainer:
             self.arch.vocab_size,
             vocab_start,
             cfg.temperature,
-            cfg.kl,
+            cfg.kl if distill else "forward",  # (no KL without a teacher)
             nll_grad=lm_weight > 0,
             chunk_tokens=cfg.kd_chunk_tokens,
             group=tp_group,
