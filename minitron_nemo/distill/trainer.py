@@ -208,7 +208,8 @@ class Trainer:
             init_lr=0.0,
             max_lr=cfg.lr,
             min_lr=cfg.min_lr,
-            lr_warmup_steps=min(cfg.warmup_steps, cfg.steps),
+            # megatron wants warmup < decay steps: a warmup as long as the run is clamped.
+            lr_warmup_steps=min(cfg.warmup_steps, cfg.steps - 1),
             lr_decay_steps=cfg.steps,
             lr_decay_style=cfg.lr_decay_style,
             start_wd=cfg.weight_decay,
