@@ -137,3 +137,11 @@ def test_mismatched_cache_is_refused(models, data, tmp_path):
     tokens.flush()
     with pytest.raises(MinitronError, match=r"sample 5 of the training data differs"):
         distill("tokens")
+
+
+def test_build_refuses_a_disk_too_small(models, data, tmp_path, monkeypatch):
+    from minitron_nemo.runtime import diskspace
+
+    monkeypatch.setattr(diskspace, "free_bytes", lambda _path: 10_000)
+    with pytest.raises(MinitronError, match=r"not enough disk space \(0.00 GB free"):
+        _cache(models, data, tmp_path / "cache")

@@ -14,8 +14,9 @@ A cache directory (complete when it holds DONE; built in `.NAME.incomplete`, res
     log_tail.bin   [samples, seq_length]       log of the teacher's mass outside the top K (fp32)
     progress.json  (while building) samples written
 
-Bytes per token: K x (value + id bytes) + 4, i.e. 260 B at K = 64 and 516 B at K = 128 with bf16
-values and uint16 ids (a vocabulary < 65536, e.g. SmolLM2), 388 B / 772 B with int32 ids (Llama-3).
+Bytes per token: K x (value + id bytes) + 4 + the sample's token, i.e. 262 B at K = 64 and 518 B
+at K = 128 with bf16 values and uint16 ids (a vocabulary < 65536, e.g. SmolLM2), 392 B / 776 B
+with int32 ids (Llama-3).
 Sample j of the cache is sample j of the train view it was built for, so a training reads rows
 by the same global sample indices as its data (megatron's pretraining-sampler layout).
 """
@@ -36,6 +37,7 @@ from minitron_nemo import atomic
 from minitron_nemo.data.datasets import DataSpec
 from minitron_nemo.distill.topk_loss import TeacherTopK
 from minitron_nemo.errors import MinitronError
+from minitron_nemo.runtime.diskspace import require_free
 
 FORMAT = 1
 VALUE_DTYPES = {"bfloat16": (np.uint16, torch.bfloat16), "float32": (np.float32, torch.float32)}
@@ -93,10 +95,13 @@ class CacheMeta:
             "log_tail": ((n, s), np.float32),
         }
 
+    def total_bytes(self) -> int:
+        return sum(
+            int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in self.shapes().values()
+        )
+
     def bytes_per_token(self) -> float:
-        shapes = self.shapes().values()
-        total = sum(int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in shapes)
-        return total / (self.samples * self.seq_length)
+        return self.total_bytes() / (self.samples * self.seq_length)
 
     @classmethod
     def read(cls, path: Path) -> CacheMeta:
@@ -254,6 +259,9 @@ def build_teacher_cache(
         _open(tmp, meta, "w+")  # allocated (sparse) before the ranks write into them
         _write_json(tmp / "progress.json", {"samples": 0})
         _write_json(tmp / "meta.json", asdict(meta))
+    # The files are sparse until written: a full disk would surface as SIGBUS in the ranks.
+    done = _read_json(tmp / "progress.json")["samples"]
+    require_free(tmp, int(meta.total_bytes() * (1 - done / meta.samples)))
     run_on_ranks(
         _build_on_rank, tp * pp * dp, teacher_ckpt, data, tmp, meta, tp, pp, micro_batch,
         round_samples, chunk_tokens,
