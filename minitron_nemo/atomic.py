@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -46,3 +47,15 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
         shutil.rmtree(old)
     else:
         tmp.rename(out)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write `data` as JSON under a temporary name, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON at `path`, or None when there is none."""
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -218,3 +218,15 @@ def token_data_spec(
     )
     build_indices(spec, ("train", "calibration", "test"))
     return spec
+
+
+def make_kd_models(root: Path) -> Path:
+    """A tiny teacher (4 layers) and a smaller student (2 layers, ffn 64) as megatron
+    checkpoints root/teacher and root/student."""
+    from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
+
+    make_tiny_hf("llama", root / "teacher_hf", seed=1)
+    hf_to_mcore(root / "teacher_hf", root / "teacher")
+    make_tiny_hf("llama", root / "student_hf", seed=2, intermediate_size=64, num_hidden_layers=2)
+    hf_to_mcore(root / "student_hf", root / "student")
+    return root

@@ -16,7 +16,6 @@ import torch
 
 from minitron_nemo.checkpoint import load_model
 from minitron_nemo.config import DistillConfig
-from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
 from minitron_nemo.distill.checkpoints import latest_checkpoint
 from minitron_nemo.distill.train import train
 from minitron_nemo.errors import MinitronError
@@ -25,7 +24,7 @@ from minitron_nemo.runtime import distributed
 from tests.helpers import (
     REPO,
     VOCAB,
-    make_tiny_hf,
+    make_kd_models,
     random_documents,
     token_data_spec,
 )
@@ -33,12 +32,7 @@ from tests.helpers import (
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("kd")
-    make_tiny_hf("llama", root / "teacher_hf", seed=1)
-    hf_to_mcore(root / "teacher_hf", root / "teacher")
-    make_tiny_hf("llama", root / "student_hf", seed=2, intermediate_size=64, num_hidden_layers=2)
-    hf_to_mcore(root / "student_hf", root / "student")
-    return root
+    return make_kd_models(tmp_path_factory.mktemp("kd"))
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,11 @@ import torch
 
 from minitron_nemo import atomic
 from minitron_nemo.config import DistillConfig
-from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
 from minitron_nemo.distill.teacher_cache import CacheMeta, TeacherCache, build_teacher_cache
 from minitron_nemo.distill.train import train
 from minitron_nemo.errors import MinitronError
 from minitron_nemo.metrics import read_metrics
-from tests.helpers import make_tiny_hf, random_documents, token_data_spec
+from tests.helpers import make_kd_models, random_documents, token_data_spec
 
 K = 5
 STEPS, GBS, MB, CHUNK = 3, 4, 2, 7
@@ -27,12 +26,7 @@ STEPS, GBS, MB, CHUNK = 3, 4, 2, 7
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache_models")
-    make_tiny_hf("llama", root / "teacher_hf", seed=1)
-    hf_to_mcore(root / "teacher_hf", root / "teacher")
-    make_tiny_hf("llama", root / "student_hf", seed=2, intermediate_size=64, num_hidden_layers=2)
-    hf_to_mcore(root / "student_hf", root / "student")
-    return root
+    return make_kd_models(tmp_path_factory.mktemp("cache_models"))
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +74,18 @@ def test_cache_distillation_equals_online_top_k(models, data, tmp_path, tp):
     train(models / "student", tmp_path / "bf16", _cfg(teacher_cache=str(bf16)), data, tp=tp)
     for a, b in zip(online, read_metrics(tmp_path / "bf16"), strict=True):
         assert abs(a["loss_logits"] - b["loss_logits"]) <= 1e-2 * a["loss_logits"]
+
+
+@pytest.mark.dist
+def test_build_on_two_pipeline_stages_equals_one_rank(models, data, tmp_path):
+    samples = list(range(STEPS * GBS))
+    one = TeacherCache(_cache(models, data, tmp_path / "one"))
+    two = TeacherCache(_cache(models, data, tmp_path / "pp2", pp=2))
+    assert torch.equal(two.tokens(samples), one.tokens(samples))
+    a, b = one.read(samples), two.read(samples)
+    assert torch.equal(a.ids, b.ids)
+    torch.testing.assert_close(b.logp, a.logp, rtol=0, atol=1e-6)
+    torch.testing.assert_close(b.log_tail, a.log_tail, rtol=1e-6, atol=1e-6)
 
 
 def test_killed_build_resumes_without_redoing_rows(models, data, tmp_path):
@@ -142,6 +148,6 @@ def test_mismatched_cache_is_refused(models, data, tmp_path):
 def test_build_refuses_a_disk_too_small(models, data, tmp_path, monkeypatch):
     from minitron_nemo.runtime import diskspace
 
-    monkeypatch.setattr(diskspace, "free_bytes", lambda _path: 10_000)
+    monkeypatch.setattr(diskspace, "free_bytes", lambda _path: 100)
     with pytest.raises(MinitronError, match=r"not enough disk space \(0.00 GB free"):
         _cache(models, data, tmp_path / "cache")

@@ -39,7 +39,7 @@ class AttachAuxLoss(torch.autograd.Function):
         return grad_output, torch.ones_like(aux_loss) * ctx.scale, None
 
 
-def _final_hidden_states(hidden_states: torch.Tensor, **_kwargs) -> torch.Tensor:
+def final_hidden_states(hidden_states: torch.Tensor, **_kwargs) -> torch.Tensor:
     """megatron output_processor: return the last stage's hidden states after the final norm."""
     return hidden_states
 
@@ -148,7 +148,7 @@ class KDPair(MegatronModule):
         """Last stage: the student's final hidden states [s, b, h] (the teacher's are kept in
         `teacher_output`); other stages: both models' activations, concatenated."""
         pos = position_ids(tokens_bs)
-        kwargs = dict(attention_mask=None, output_processor=_final_hidden_states)
+        kwargs = dict(attention_mask=None, output_processor=final_hidden_states)
         student_out = self.module(tokens_bs, pos, **kwargs)
         if self.teacher is None:
             return student_out

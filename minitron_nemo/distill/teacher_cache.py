@@ -252,41 +252,27 @@ def build_teacher_cache(
         )
     build_indices(data, ("train",))
     tmp = atomic.incomplete_path(out)
-    if tmp.is_dir() and _read_json(tmp / "meta.json") != asdict(meta):
+    if tmp.is_dir() and atomic.read_json(tmp / "meta.json") != asdict(meta):
         shutil.rmtree(tmp)
     if not tmp.is_dir():
         tmp.mkdir(parents=True)
         _open(tmp, meta, "w+")  # allocated (sparse) before the ranks write into them
-        _write_json(tmp / "progress.json", {"samples": 0})
-        _write_json(tmp / "meta.json", asdict(meta))
+        atomic.write_json(tmp / "progress.json", {"samples": 0})
+        atomic.write_json(tmp / "meta.json", asdict(meta))
     # The files are sparse until written: a full disk would surface as SIGBUS in the ranks.
-    done = _read_json(tmp / "progress.json")["samples"]
+    done = atomic.read_json(tmp / "progress.json")["samples"]
     require_free(tmp, int(meta.total_bytes() * (1 - done / meta.samples)))
     run_on_ranks(
         _build_on_rank, tp * pp * dp, teacher_ckpt, data, tmp, meta, tp, pp, micro_batch,
         round_samples, chunk_tokens,
     )  # fmt: skip
-    if _read_json(tmp / "progress.json")["samples"] != meta.samples:
+    if atomic.read_json(tmp / "progress.json")["samples"] != meta.samples:
         raise RuntimeError(f"teacher cache {tmp} ended before its last sample")
     (tmp / "progress.json").unlink()
     (tmp / atomic.DONE).write_text("")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
-
-
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
-def _final_hidden_states(hidden_states: torch.Tensor, **_kwargs) -> torch.Tensor:
-    return hidden_states
 
 
 def teacher_top_k_of_hidden(
@@ -300,19 +286,17 @@ def teacher_top_k_of_hidden(
 ) -> TeacherTopK:
     """The top K of every token [s * b] from final hidden states, chunk by chunk exactly as the
     trainer's online top-K loss makes them (vocab_loss._chunk), so both read the same values."""
-    import torch.nn.functional as F
     from megatron.core import parallel_state
 
     from minitron_nemo.distill.topk_loss import teacher_top_k
-    from minitron_nemo.distill.vocab_loss import mask_padding
+    from minitron_nemo.distill.vocab_loss import output_logits
 
     vocab_start = parallel_state.get_tensor_model_parallel_rank() * weight_vh.shape[0]
     h = hidden_sbh.reshape(-1, hidden_sbh.shape[-1])
     chunk = chunk_tokens or h.shape[0]
     parts = []
     for start in range(0, h.shape[0], chunk):
-        logits = F.linear(h[start : start + chunk], weight_vh)
-        logits = mask_padding(logits, vocab_size, vocab_start)
+        logits = output_logits(h[start : start + chunk], weight_vh, vocab_size, vocab_start)
         parts.append(teacher_top_k(logits, k, temperature, vocab_start, group))
     return TeacherTopK(*(torch.cat(x) for x in zip(*parts, strict=True)))
 
@@ -332,7 +316,7 @@ def _build_on_rank(
 
     from minitron_nemo import checkpoint
     from minitron_nemo.data.datasets import step_sample_indices, train_reader
-    from minitron_nemo.distill.pair import output_weight
+    from minitron_nemo.distill.pair import final_hidden_states, output_weight
     from minitron_nemo.runtime import distributed
     from minitron_nemo.runtime.forward import run_forward
     from minitron_nemo.runtime.progress import Progress
@@ -344,7 +328,7 @@ def _build_on_rank(
         writer = ctx.is_last_stage and ctx.tp_rank == 0
         tp_group = parallel_state.get_tensor_model_parallel_group()
         weight = output_weight(model) if ctx.is_last_stage else None
-        done = _read_json(tmp / "progress.json")["samples"]
+        done = atomic.read_json(tmp / "progress.json")["samples"]
         bar = Progress(meta.samples, "teacher cache", unit="sample", rank0_only=False,
                        enabled=writer and ctx.dp_rank == 0)  # fmt: skip
         bar.update(done)
@@ -363,7 +347,7 @@ def _build_on_rank(
             size = min(round_samples, meta.samples - start)
             groups = step_sample_indices(start, size, micro_batch, ctx.dp_rank, ctx.dp)
             batches = [reader.read(idx).to(ctx.device) for idx in groups]
-            outputs = run_forward(model, batches, on_output, output_processor=_final_hidden_states)
+            outputs = run_forward(model, batches, on_output, output_processor=final_hidden_states)
             if writer:
                 for idx, batch, top in zip(groups, batches, outputs, strict=True):
                     files["tokens"][idx] = batch.cpu().numpy().astype(meta.id_dtype)
@@ -378,6 +362,6 @@ def _build_on_rank(
             if dist.get_world_size() > 1:
                 dist.barrier()
             if ctx.rank == 0:
-                _write_json(tmp / "progress.json", {"samples": start + size})
+                atomic.write_json(tmp / "progress.json", {"samples": start + size})
             bar.update(size)
         bar.close()

@@ -118,6 +118,14 @@ def mask_padding(logits_tv: torch.Tensor, vocab_size: int, vocab_start: int) -> 
     return torch.where(keep, logits_tv, torch.full_like(logits_tv, PAD_LOGIT))
 
 
+def output_logits(
+    hidden_th: torch.Tensor, weight_vh: torch.Tensor, vocab_size: int, vocab_start: int
+) -> torch.Tensor:
+    """A chunk's logit slice from final hidden states, padded vocabulary rows at PAD_LOGIT (the
+    teacher cache computes the teacher's top K with this too, so they equal the online ones)."""
+    return mask_padding(F.linear(hidden_th, weight_vh), vocab_size, vocab_start)
+
+
 def _chunk(
     h_s: torch.Tensor,
     h_t: torch.Tensor | None,
@@ -133,11 +141,11 @@ def _chunk(
     nll_grad: bool,
     group,
 ):
-    student = mask_padding(F.linear(h_s, w_s), vocab_size, vocab_start)
+    student = output_logits(h_s, w_s, vocab_size, vocab_start)
     teacher = None
     if h_t is not None:
         with torch.no_grad():
-            teacher = mask_padding(F.linear(h_t, w_t), vocab_size, vocab_start)
+            teacher = output_logits(h_t, w_t, vocab_size, vocab_start)
         if kind == "topk":
             cached, teacher = teacher_top_k(teacher, top_k, temperature, vocab_start, group), None
         elif teacher.shape[-1] != student.shape[-1]:  # other vocab paddings (one rank only)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -44,16 +43,6 @@ def spearman(a: list[float], b: list[float]) -> float | None:
     ra = torch.tensor(a, dtype=torch.double).argsort().argsort().double()
     rb = torch.tensor(b, dtype=torch.double).argsort().argsort().double()
     return float(1 - 6 * (ra - rb).pow(2).sum() / (n * (n * n - 1)))
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _work_key(imp_path: Path, cfg: PruneConfig, distill: DistillConfig, teacher: Path) -> dict:
@@ -132,18 +121,18 @@ def _short_distillation(
     d = cand["dir"]
     train(d / "ckpt", d / "distill", short, data, teacher_ckpt, tp=tp, pp=pp, dp=dp,
           resume=True, hooks=hooks)  # fmt: skip
-    curve = {int(k): v for k, v in (_read_json(d / "curve.json") or {}).items()}
+    curve = {int(k): v for k, v in (atomic.read_json(d / "curve.json") or {}).items()}
     steps = complete_steps(d / "distill" / "checkpoints")
     todo = {str(step): path for step, path in steps if step not in curve}
     if todo:
         scored = heldout_losses(todo, data, work / ".curve.json", tp=tp, pp=pp, dp=dp)
         curve.update({int(k): v["heldout_loss"] for k, v in scored.items()})
-        _write_json(d / "curve.json", {str(k): v for k, v in curve.items()})
+        atomic.write_json(d / "curve.json", {str(k): v for k, v in curve.items()})
     for _, path in steps[:-1]:
         shutil.rmtree(path, ignore_errors=True)
     points = [[0, cand["zero_shot_loss"]]] + [[k, curve[k]] for k in sorted(curve)]
     result = {"curve": points, "final_loss": points[-1][1]}
-    _write_json(d / "result.json", result)
+    atomic.write_json(d / "result.json", result)
     return result
 
 
@@ -172,12 +161,12 @@ def run_search(
     source = ModelArch.load(source_ckpt / "arch.yaml")
     imp = torch.load(imp_path, weights_only=False)
     key = _work_key(imp_path, cfg, distill, teacher_ckpt)
-    if _read_json(work / "key.json") != key:
+    if atomic.read_json(work / "key.json") != key:
         if work.exists():
             log.info("search: %s was computed from other inputs; starting over", work)
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        _write_json(work / "key.json", key)
+        atomic.write_json(work / "key.json", key)
     archs = enumerate_candidates(source, search, tp, pp)
     log.info("search: %d candidates in the budget", len(archs))
     cands = []
@@ -199,9 +188,9 @@ def run_search(
         scored = heldout_losses(todo, data, work / ".zero_shot.json", tp=tp, pp=pp, dp=dp)
         for c in cands:
             if c["name"] in scored:
-                _write_json(c["dir"] / "zero_shot.json", scored[c["name"]])
+                atomic.write_json(c["dir"] / "zero_shot.json", scored[c["name"]])
     for c in cands:
-        c["zero_shot_loss"] = _read_json(c["dir"] / "zero_shot.json")["heldout_loss"]
+        c["zero_shot_loss"] = atomic.read_json(c["dir"] / "zero_shot.json")["heldout_loss"]
     by_zero = sorted(cands, key=lambda c: (c["zero_shot_loss"], c["index"]))
     for rank, c in enumerate(by_zero, 1):
         c["zero_shot_rank"] = rank
@@ -209,15 +198,15 @@ def run_search(
 
     short = search_distill_config(distill, search)
     todo_distill = [c for c in kept if not (c["dir"] / "result.json").is_file()]
-    short_teacher, cache_info = teacher_ckpt, _read_json(work / "teacher_cache.json")
+    short_teacher, cache_info = teacher_ckpt, atomic.read_json(work / "teacher_cache.json")
     if search.teacher_cache_k is not None:
         if todo_distill and cache_info is None:
             cache_info = _teacher_cache(teacher_ckpt, short, search, data, work, tp, pp, dp)
-            _write_json(work / "teacher_cache.json", cache_info)
+            atomic.write_json(work / "teacher_cache.json", cache_info)
         short = dataclasses.replace(short, teacher_cache=str(work / "teacher_cache"))
         short_teacher = None
     for c in kept:
-        result = _read_json(c["dir"] / "result.json")
+        result = atomic.read_json(c["dir"] / "result.json")
         if result is None:
             result = _short_distillation(c, short, data, short_teacher, work, tp, pp, dp, hooks)
         c["curve"], c["final_loss"] = result["curve"], result["final_loss"]
