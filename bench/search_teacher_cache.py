@@ -68,7 +68,7 @@ def _distill_all(cands, out: Path, cfg, data, teacher) -> dict:
 
 def main() -> None:
     from minitron_nemo.config import load_config
-    from minitron_nemo.distill.teacher_cache import CacheMeta, build_teacher_cache
+    from minitron_nemo.distill.teacher_cache import build_for_distillation, summary
     from minitron_nemo.packaged import resolve_recipe
     from minitron_nemo.stages import Pipeline
 
@@ -95,17 +95,13 @@ def main() -> None:
     for k in (64, 128):
         shutil.rmtree(work / f"cache_k{k}", ignore_errors=True)
         start = time.perf_counter()
-        cache = build_teacher_cache(
-            teacher, data, work / f"cache_k{k}", k, d.temperature, "bfloat16",
-            micro_batch=d.micro_batch_size, round_samples=d.global_batch_size,
-            chunk_tokens=d.kd_chunk_tokens,
-        )  # fmt: skip
+        cache = build_for_distillation(
+            teacher, dataclasses.replace(d, top_k=k), data, work / f"cache_k{k}"
+        )
         build_s = time.perf_counter() - start
-        meta = CacheMeta.read(cache)
-        tokens = meta.samples * meta.seq_length
-        size = sum(f.stat().st_size for f in cache.glob("*.bin"))
-        sizes[k] = {"build_s": build_s, "bytes": size, "tokens": tokens,
-                    "mb_per_million_tokens": size / tokens}  # fmt: skip
+        info = summary(cache)
+        sizes[k] = {**info, "build_s": build_s,
+                    "mb_per_million_tokens": info["bytes"] / info["tokens"]}  # fmt: skip
     cached = dataclasses.replace(topk, teacher_cache=str(work / "cache_k64"))
     rows["cache (K=64)"] = _distill_all(cands, work / "cached", cached, data, None)
     rows["cache (K=64)"]["wall_s_with_build"] = (

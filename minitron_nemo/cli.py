@@ -98,24 +98,20 @@ def _cmd_distill(args: argparse.Namespace) -> None:
 
 
 def _cmd_teacher_cache(args: argparse.Namespace) -> None:
-    import dataclasses
-
-    from minitron_nemo.distill.teacher_cache import CacheMeta, build_teacher_cache
+    from minitron_nemo.distill.teacher_cache import build_for_distillation, summary
 
     pipeline = _pipeline(args)
     pipeline.run(from_stage=args.from_stage, until="correct")  # teacher, data (correction)
-    p, d = pipeline.cfg.parallel, pipeline.cfg.distill
-    data = dataclasses.replace(pipeline.data_spec(), train_samples=d.steps * d.global_batch_size)
-    out = build_teacher_cache(
-        pipeline.teacher_ckpt, data, args.out, d.top_k, d.temperature, args.dtype,
-        tp=p.tp, pp=p.pp, dp=p.dp, micro_batch=d.micro_batch_size,
-        round_samples=d.global_batch_size, chunk_tokens=d.kd_chunk_tokens,
+    p = pipeline.cfg.parallel
+    out = build_for_distillation(
+        pipeline.teacher_ckpt, pipeline.cfg.distill, pipeline.data_spec(), args.out, args.dtype,
+        p.tp, p.pp, p.dp,
     )  # fmt: skip
-    meta = CacheMeta.read(out)
-    size = sum(f.stat().st_size for f in out.glob("*.bin"))
+    info = summary(out)
     print(
-        f"wrote {out}: top {meta.top_k} of {meta.samples * meta.seq_length:,} tokens, "
-        f"{size / 1e6:.1f} MB; distill from it with distill.kl=topk distill.teacher_cache={out}"
+        f"wrote {out}: top {info['top_k']} of {info['tokens']:,} tokens, "
+        f"{info['bytes'] / 1e6:.1f} MB; distill from it with distill.kl=topk "
+        f"distill.teacher_cache={out}"
     )
 
 

@@ -275,6 +275,35 @@ def build_teacher_cache(
     return out
 
 
+def build_for_distillation(
+    teacher_ckpt: Path, cfg, data: DataSpec, out: Path, value_dtype: str = "bfloat16",
+    tp: int = 1, pp: int = 1, dp: int = 1,
+) -> Path:  # fmt: skip
+    """The cache a distillation with `cfg` (a DistillConfig) reads: its steps x global batch
+    samples of `data`'s train view, K = cfg.top_k, T = cfg.temperature, one round per step."""
+    import dataclasses
+
+    return build_teacher_cache(
+        teacher_ckpt,
+        dataclasses.replace(data, train_samples=cfg.steps * cfg.global_batch_size),
+        out, cfg.top_k, cfg.temperature, value_dtype, tp=tp, pp=pp, dp=dp,
+        micro_batch=cfg.micro_batch_size, round_samples=cfg.global_batch_size,
+        chunk_tokens=cfg.kd_chunk_tokens,
+    )  # fmt: skip
+
+
+def summary(path: Path) -> dict:
+    """K, tokens and size on disk of a cache."""
+    meta = CacheMeta.read(path)
+    return {
+        "path": str(path),
+        "top_k": meta.top_k,
+        "tokens": meta.samples * meta.seq_length,
+        "bytes": sum(f.stat().st_size for f in path.glob("*.bin")),
+        "bytes_per_token": meta.bytes_per_token(),
+    }
+
+
 def teacher_top_k_of_hidden(
     hidden_sbh: torch.Tensor,
     weight_vh: torch.Tensor,

@@ -81,30 +81,13 @@ def _teacher_cache(
     """Build (or finish) the cache of the short distillations' samples; its size and time."""
     import time
 
-    from minitron_nemo.distill.teacher_cache import CacheMeta, build_teacher_cache
+    from minitron_nemo.distill.teacher_cache import build_for_distillation, summary
 
     start = time.perf_counter()
-    cache = build_teacher_cache(
-        teacher_ckpt,
-        dataclasses.replace(data, train_samples=short.steps * short.global_batch_size),
-        work / "teacher_cache",
-        short.top_k,
-        short.temperature,
-        search.teacher_cache_dtype,
-        tp=tp, pp=pp, dp=dp,
-        micro_batch=short.micro_batch_size,
-        round_samples=short.global_batch_size,
-        chunk_tokens=short.kd_chunk_tokens,
-    )  # fmt: skip
-    meta = CacheMeta.read(cache)
-    return {
-        "path": str(cache),
-        "top_k": meta.top_k,
-        "tokens": meta.samples * meta.seq_length,
-        "bytes": sum(f.stat().st_size for f in cache.glob("*.bin")),
-        "bytes_per_token": meta.bytes_per_token(),
-        "seconds": time.perf_counter() - start,
-    }
+    cache = build_for_distillation(
+        teacher_ckpt, short, data, work / "teacher_cache", search.teacher_cache_dtype, tp, pp, dp
+    )
+    return {**summary(cache), "seconds": time.perf_counter() - start}
 
 
 def _short_distillation(
