@@ -1,6 +1,6 @@
 """The embedded default (README command 1): `minitron run recipes/smollm2_135m_cpu.yaml` on
 the real SmolLM2-135M, end to end, every stage, with the distillation and the scratch baseline
-shortened to 24 of their 60 steps and 40 questions per benchmark (~9 min instead of ~21 on 2
+shortened to 24 of their 60 steps and 40 questions per benchmark (~12.5 min instead of ~21 on 2
 cores; the full run's numbers are measured in the README)."""
 
 from __future__ import annotations

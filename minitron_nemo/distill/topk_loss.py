@@ -35,6 +35,7 @@ from minitron_nemo.distill.vocab_parallel import (
     gather_labels,
     log_softmax,
     parallel,
+    save_for_student_grad,
     student_grad,
     sum_tokens,
     upcast,
@@ -137,9 +138,7 @@ class _TopKLosses(torch.autograd.Function):
         if temperature != 1.0:
             kl_dir.div_(temperature)
         q1 = log_q1.exp_() if nll_grad else None
-        ctx.save_for_backward(kl_dir, q1, labels_t)
-        ctx.vocab_start = vocab_start
-        ctx.dtype = student_tv.dtype
+        save_for_student_grad(ctx, kl_dir, q1, labels_t, vocab_start, student_tv.dtype)
         return kl_t, nll_t
 
     @staticmethod

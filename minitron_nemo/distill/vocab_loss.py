@@ -30,6 +30,7 @@ from minitron_nemo.distill.topk_loss import TeacherTopK, teacher_top_k, top_k_lo
 from minitron_nemo.distill.vocab_parallel import (
     gather_labels,
     log_softmax,
+    save_for_student_grad,
     student_grad,
     sum_tokens,
     upcast,
@@ -78,9 +79,7 @@ class _VocabLosses(torch.autograd.Function):
                 kl_dir.div_(temperature)
         if nll_grad:
             q1 = log_q1.exp_()
-        ctx.save_for_backward(kl_dir, q1, labels_t)
-        ctx.vocab_start = vocab_start
-        ctx.dtype = student_tv.dtype
+        save_for_student_grad(ctx, kl_dir, q1, labels_t, vocab_start, student_tv.dtype)
         return kl_t, nll_t
 
     @staticmethod

@@ -54,8 +54,16 @@ def gather_labels(x_tv: torch.Tensor, labels_t: torch.Tensor, vocab_start: int, 
     return sum_tokens(out, group)
 
 
+def save_for_student_grad(ctx, kl_dir, q1, labels_t, vocab_start: int, dtype) -> None:
+    """What `student_grad` needs: the KL's gradient direction [t, v] (or None), the student's
+    softmax at T = 1 when the NLL has a gradient (or None), the labels, the slice's start."""
+    ctx.save_for_backward(kl_dir, q1, labels_t)
+    ctx.vocab_start = vocab_start
+    ctx.dtype = dtype
+
+
 def student_grad(ctx, grad_kl_t: torch.Tensor, grad_nll_t: torch.Tensor):
-    """d(loss)/d(student logit slice) from the saved KL direction and NLL softmax."""
+    """d(loss)/d(student logit slice) from what `save_for_student_grad` kept."""
     kl_dir, q1, labels_t = ctx.saved_tensors
     grad = None
     if kl_dir is not None:
