@@ -1,7 +1,8 @@
 """Teacher top-K logits cache: the teacher's top-K distribution (distill/topk_loss.py) for every
-token of a train view, computed once on the run's ranks and read memory-mapped by any number of
-distillations without the teacher: the architecture search's candidates, or a normal
-distillation through `distill.teacher_cache`.
+token of a train view, computed once on the run's ranks and read by any number of distillations
+without the teacher: the architecture search's candidates, or a normal distillation through
+`distill.teacher_cache`. The arrays are raw files (np.memmap-able, e.g. for inspection); ranks
+read and write them by rows (pread / pwrite), so a rank holds the rows of its micro-batch only.
 
 A cache directory (complete when it holds DONE; built in `.NAME.incomplete`, resumable)::
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -111,10 +113,47 @@ class CacheMeta:
             raise MinitronError(f"{path / 'meta.json'}: not a teacher cache ({exc})") from None
 
 
-def _open(path: Path, meta: CacheMeta, mode: str) -> dict[str, np.memmap]:
+class _Rows:
+    """One array of a cache on disk ([samples, ...] raw, np.memmap-able), rows read and written
+    with pread / pwrite: a process holds only the rows it asked for (a memmap's touched pages
+    would stay in the rank's resident memory, growing it by the cache's size over a run)."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype) -> None:
+        self.path, self.row_shape, self.dtype = path, shape[1:], np.dtype(dtype)
+        self.row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
+        self.size = shape[0] * self.row_bytes
+
+    def allocate(self) -> None:
+        with open(self.path, "wb") as fh:  # sparse until written
+            fh.truncate(self.size)
+
+    def read(self, indices: list[int]) -> np.ndarray:
+        out = np.empty((len(indices), *self.row_shape), self.dtype)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for j, i in enumerate(indices):
+                buf = os.pread(fd, self.row_bytes, int(i) * self.row_bytes)
+                if len(buf) != self.row_bytes:
+                    raise MinitronError(f"{self.path}: truncated (row {i} is missing)")
+                out[j] = np.frombuffer(buf, self.dtype).reshape(self.row_shape)
+        finally:
+            os.close(fd)
+        return out
+
+    def write(self, indices: list[int], rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows).view(self.dtype)
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            for j, i in enumerate(indices):
+                os.pwrite(fd, rows[j].tobytes(), int(i) * self.row_bytes)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _files(path: Path, meta: CacheMeta) -> dict[str, _Rows]:
     return {
-        name: np.memmap(path / f"{name}.bin", dtype=dt, mode=mode, shape=shape)
-        for name, (shape, dt) in meta.shapes().items()
+        name: _Rows(path / f"{name}.bin", shape, dt) for name, (shape, dt) in meta.shapes().items()
     }
 
 
@@ -126,20 +165,20 @@ class TeacherCache:
         if not atomic.is_complete(self.path):
             raise MinitronError(f"{self.path}: not a complete teacher cache (no {atomic.DONE})")
         self.meta = CacheMeta.read(self.path)
-        self.files = _open(self.path, self.meta, "r")
+        self.files = _files(self.path, self.meta)
 
     def tokens(self, indices: list[int]) -> torch.Tensor:
-        return torch.from_numpy(self.files["tokens"][indices].astype(np.int64))
+        return torch.from_numpy(self.files["tokens"].read(indices).astype(np.int64))
 
     def read(self, indices: list[int]) -> TeacherTopK:
         """The top K of samples `indices`: logp / ids [n, s, K], log_tail [n, s]."""
-        logp = np.ascontiguousarray(self.files["logp"][indices])
+        logp = self.files["logp"].read(indices)
         if self.meta.value_dtype == "bfloat16":  # raw bf16 bits (numpy has no bf16)
             logp = torch.from_numpy(logp.view(np.int16)).view(torch.bfloat16)
         else:
             logp = torch.from_numpy(logp)
-        ids = torch.from_numpy(self.files["ids"][indices].astype(np.int64))
-        log_tail = torch.from_numpy(np.ascontiguousarray(self.files["log_tail"][indices]))
+        ids = torch.from_numpy(self.files["ids"].read(indices).astype(np.int64))
+        log_tail = torch.from_numpy(self.files["log_tail"].read(indices))
         return TeacherTopK(logp, ids, log_tail)
 
     def check_batch(self, indices: list[int], batch: torch.Tensor) -> None:
@@ -256,10 +295,11 @@ def build_teacher_cache(
         shutil.rmtree(tmp)
     if not tmp.is_dir():
         tmp.mkdir(parents=True)
-        _open(tmp, meta, "w+")  # allocated (sparse) before the ranks write into them
+        for rows in _files(tmp, meta).values():  # allocated before the ranks write into them
+            rows.allocate()
         atomic.write_json(tmp / "progress.json", {"samples": 0})
         atomic.write_json(tmp / "meta.json", asdict(meta))
-    # The files are sparse until written: a full disk would surface as SIGBUS in the ranks.
+    # The files are sparse until written: check the space now rather than fail mid-build.
     done = atomic.read_json(tmp / "progress.json")["samples"]
     require_free(tmp, int(meta.total_bytes() * (1 - done / meta.samples)))
     run_on_ranks(
@@ -353,7 +393,7 @@ def _build_on_rank(
     with distributed.initialize(tp=tp, pp=pp) as ctx:
         model, arch = checkpoint.load_model(teacher_ckpt)
         reader = train_reader(data)
-        files = _open(tmp, meta, "r+")
+        files = _files(tmp, meta)
         writer = ctx.is_last_stage and ctx.tp_rank == 0
         tp_group = parallel_state.get_tensor_model_parallel_group()
         weight = output_weight(model) if ctx.is_last_stage else None
@@ -379,15 +419,13 @@ def _build_on_rank(
             outputs = run_forward(model, batches, on_output, output_processor=final_hidden_states)
             if writer:
                 for idx, batch, top in zip(groups, batches, outputs, strict=True):
-                    files["tokens"][idx] = batch.cpu().numpy().astype(meta.id_dtype)
-                    files["ids"][idx] = top.ids.cpu().numpy().astype(meta.id_dtype)
+                    files["tokens"].write(idx, batch.cpu().numpy().astype(meta.id_dtype))
+                    files["ids"].write(idx, top.ids.cpu().numpy().astype(meta.id_dtype))
                     logp = top.logp.float().cpu()
                     if meta.value_dtype == "bfloat16":  # raw bf16 bits
                         logp = logp.bfloat16().view(torch.int16)
-                    files["logp"][idx] = logp.numpy().view(files["logp"].dtype)
-                    files["log_tail"][idx] = top.log_tail.float().cpu().numpy()
-                for mm in files.values():
-                    mm.flush()
+                    files["logp"].write(idx, logp.numpy())
+                    files["log_tail"].write(idx, top.log_tail.float().cpu().numpy())
             if dist.get_world_size() > 1:
                 dist.barrier()
             if ctx.rank == 0:
