@@ -122,6 +122,7 @@ def _short_distillation(
 def run_search(
     source_ckpt: Path,
     imp_path: Path,
+    imp: dict,
     cfg: PruneConfig,
     distill: DistillConfig,
     teacher_ckpt: Path,
@@ -134,7 +135,9 @@ def run_search(
     hooks=None,
 ) -> dict:
     """Run (or resume) the search in `work`; returns the report with the winner's directory.
-    `hooks` (distill.trainer.TrainHooks) inject faults into the short distillations in tests."""
+    `imp` is the importance file at `imp_path` as the prune stage loaded it (with the head score
+    it chose); the file's bytes key the work. `hooks` (distill.trainer.TrainHooks) inject faults
+    into the short distillations in tests."""
     from minitron_nemo.eval.heldout import heldout_losses
     from minitron_nemo.prune.select import select
     from minitron_nemo.prune.shard_slice import write_pruned_checkpoint
@@ -142,7 +145,6 @@ def run_search(
     search = cfg.search
     assert search is not None
     source = ModelArch.load(source_ckpt / "arch.yaml")
-    imp = torch.load(imp_path, weights_only=False)
     key = _work_key(imp_path, cfg, distill, teacher_ckpt)
     if atomic.read_json(work / "key.json") != key:
         if work.exists():

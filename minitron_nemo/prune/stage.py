@@ -227,6 +227,7 @@ def run_prune(
             found = run_search(
                 ckpt,
                 imp_path,
+                imp,
                 cfg,
                 distill,
                 ckpt,
