@@ -30,7 +30,30 @@ TINY_CONFIGS = {
     "qwen2": dict(model_type="qwen2"),
     # SmolLM2-style: Llama with tied embeddings.
     "tied": dict(model_type="llama", head_dim=16, tie_word_embeddings=True),
+    # Per-head q/k RMSNorm, head_dim 24 != 64 / 4.
+    "qwen3": dict(model_type="qwen3", head_dim=24),
 }
+MOE = dict(num_experts_per_tok=2, moe_intermediate_size=32, head_dim=24)
+MOE_CONFIGS = {
+    # Top-k then softmax over the k (norm_topk_prob true), every layer MoE.
+    "qwen3_moe": dict(model_type="qwen3_moe", num_experts=4, norm_topk_prob=True, **MOE),
+    # Softmax over all experts then top-k, layer 2 a dense MLP.
+    "qwen3_moe_nonorm": dict(
+        model_type="qwen3_moe", num_experts=4, norm_topk_prob=False, mlp_only_layers=[2], **MOE
+    ),
+    # Shared expert with its sigmoid gate, qkv bias, layer 1 dense.
+    "qwen2_moe": dict(
+        model_type="qwen2_moe",
+        num_experts=4,
+        shared_expert_intermediate_size=48,
+        mlp_only_layers=[1],
+        norm_topk_prob=False,
+        **MOE,
+    ),
+    "mixtral": dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2, head_dim=24),
+}
+TINY_CONFIGS.update(MOE_CONFIGS)
+DENSE_FAMILIES = [name for name in TINY_CONFIGS if name not in MOE_CONFIGS]
 
 
 def tiny_config(name: str, **overrides):

@@ -1,4 +1,5 @@
-"""HF <-> megatron conversion: logit parity at TP=1/TP=2/PP=2, bit-exact round trips."""
+"""HF <-> megatron conversion of every family (dense, Qwen3, MoE): logit parity at TP=1/TP=2/PP=2
+(and EP=2 for MoE), bit-exact round trips."""
 
 from __future__ import annotations
 
@@ -13,7 +14,17 @@ from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
 from minitron_nemo.convert.mcore_to_hf import mcore_to_hf
 from minitron_nemo.runtime import distributed
 from minitron_nemo.runtime.forward import forward_logits
-from tests.helpers import REPO, TINY_CONFIGS, VOCAB, hf_logits, make_tiny_hf, max_rel_err, torchrun
+from tests.helpers import (
+    DENSE_FAMILIES,
+    MOE_CONFIGS,
+    REPO,
+    TINY_CONFIGS,
+    VOCAB,
+    hf_logits,
+    make_tiny_hf,
+    max_rel_err,
+    torchrun,
+)
 
 FAMILIES = list(TINY_CONFIGS)
 PARITY_TOL = 1e-5
@@ -62,28 +73,53 @@ def test_parity_test_detects_a_wrong_weight(tiny):
     assert max_rel_err(logits[..., :VOCAB], entry["ref"]) > 1e-4
 
 
+def test_parity_test_detects_a_q_norm_left_at_ones(tiny):
+    """A Qwen3 conversion that dropped q_norm (left at its initial ones) is caught."""
+    entry = tiny["models"]["qwen3"]
+    with distributed.initialize(tp=1, pp=1):
+        model, _ = load_model(entry["ckpt"])
+        with torch.no_grad():
+            model.decoder.layers[0].self_attention.q_layernorm.weight.fill_(1.0)
+        logits = forward_logits(model, tiny["tokens"])
+    assert max_rel_err(logits[..., :VOCAB], entry["ref"]) > 1e-4
+
+
 @pytest.mark.dist
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
-def test_logit_parity_multi_rank(tiny, tp, pp, tmp_path):
-    """Checkpoints (saved at TP=1) loaded at TP=2 / PP=2 under torchrun give HF's logits."""
+@pytest.mark.parametrize("tp,pp,ep", [(2, 1, 1), (1, 2, 1), (1, 1, 2)], ids=["tp2", "pp2", "ep2"])
+def test_logit_parity_multi_rank(tiny, tp, pp, ep, tmp_path):
+    """Checkpoints (saved at TP=1) loaded at TP=2 / PP=2 / EP=2 (MoE models: 2 experts per
+    rank, tokens exchanged by the alltoall dispatcher) under torchrun give HF's logits."""
     torch.save(tiny["tokens"], tmp_path / "tokens.pt")
-    ckpts = [str(tiny["models"][f]["ckpt"]) for f in FAMILIES]
+    families = list(MOE_CONFIGS) if ep > 1 else FAMILIES
+    ckpts = [str(tiny["models"][f]["ckpt"]) for f in families]
     torchrun(
         REPO / "tests/dist/logits_worker.py",
-        tp * pp,
+        tp * pp * ep,
         str(tp),
         str(pp),
+        str(ep),
         str(tmp_path / "tokens.pt"),
         str(tmp_path),
         *ckpts,
     )
-    for family in FAMILIES:
+    for family in families:
         logits = torch.load(tmp_path / f"{Path(tiny['models'][family]['ckpt']).name}.pt")
         err = max_rel_err(logits, tiny["models"][family]["ref"])
         assert err < PARITY_TOL, f"{family} tp={tp} pp={pp}: max rel err {err:.2e}"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_round_trips_bit_exact_from_tp1(tiny, tmp_path):
+    """HF -> mcore (TP=1) -> HF: every tensor identical, names as on disk, for every family."""
+    for family, entry in tiny["models"].items():
+        mcore_to_hf(entry["ckpt"], tmp_path / family)
+        original, exported = _hf_state(entry["hf"]), _hf_state(tmp_path / family)
+        assert set(exported) == set(original), family
+        assert all(torch.equal(exported[k], v) for k, v in original.items()), family
+
+
+# Saving at TP=2 splits every kind of parameter (MoE: experts over expert-TP, shared expert,
+# router and dense layers in one model); the other MoE families add no new split.
+@pytest.mark.parametrize("family", [*DENSE_FAMILIES, "qwen2_moe"])
 def test_round_trip_tp2_is_bit_exact(tiny, family, tmp_path):
     """HF -> mcore saved at TP=2 -> HF: every tensor and the config identical; and the export
     equals the one of the checkpoint saved at TP=1."""

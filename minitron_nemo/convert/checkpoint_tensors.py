@@ -18,6 +18,7 @@ import torch
 from minitron_nemo.errors import MinitronError
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^(.*\.)local_experts\.(\d+)\.(.+)$")
 
 
 def _keys_map() -> dict[str, str]:
@@ -27,21 +28,38 @@ def _keys_map() -> dict[str, str]:
     return dict(spec.submodules.sharded_state_dict_keys_map or {})
 
 
-def checkpoint_key(param_name: str, keys_map: dict[str, str]) -> tuple[str, int | None]:
-    """(checkpoint key, layer) of a megatron parameter name (`decoder.layers.3.x` -> layer 3)."""
+def checkpoint_key(
+    param_name: str, keys_map: dict[str, str], stored: set[str] | dict | None = None
+) -> tuple[str, list[int]]:
+    """(checkpoint key, indices along its leading axes) of a megatron parameter name.
+
+    `decoder.layers.3.x` -> (`decoder.layers.x`, [3]): the layers of a homogeneous model are
+    stacked along a leading axis. A model mixing MoE and dense layers is saved per layer
+    (`decoder.layers.3.x`, no layer axis: megatron's non-homogeneous layout), which is used
+    when `stored` (the checkpoint's keys) has it. A routed expert's parameters
+    (`...mlp.experts.local_experts.E.linear_fc1.weight`, E global) are stacked along one more
+    axis (`...mlp.experts.experts.linear_fc1.weight`, index E)."""
     m = _LAYER.match(param_name)
     if m is None:
-        return param_name, None
-    rest = m.group(2)
+        return param_name, []
+    layer, rest = int(m.group(1)), m.group(2)
     for old, new in keys_map.items():
         if rest.startswith(old):
             rest = new + rest[len(old) :]
-    return f"decoder.layers.{rest}", int(m.group(1))
+    expert = _EXPERT.match(rest)
+    axes = []
+    if expert:
+        rest = f"{expert.group(1)}experts.{expert.group(3)}"
+        axes = [int(expert.group(2))]
+    per_layer_key = f"decoder.layers.{layer}.{rest}"
+    if stored is not None and per_layer_key in stored:
+        return per_layer_key, axes
+    return f"decoder.layers.{rest}", [layer, *axes]
 
 
 class CheckpointTensors:
     """Reads full tensors by megatron parameter name (needs torch.distributed initialised,
-    e.g. a world of one)."""
+    e.g. a world of one). Experts are named by their global index."""
 
     def __init__(self, weights_dir: Path) -> None:
         from megatron.core import dist_checkpointing
@@ -51,38 +69,46 @@ class CheckpointTensors:
         self.keys_map = _keys_map()
 
     def _entry(self, name: str):
-        key, layer = checkpoint_key(name, self.keys_map)
+        key, axes = checkpoint_key(name, self.keys_map, self.metadata)
         if key not in self.metadata:
             raise MinitronError(f"{self.dir}: the checkpoint has no tensor {key!r} (for {name})")
-        return key, layer, self.metadata[key]
+        return key, axes, self.metadata[key]
 
     def shape(self, name: str) -> tuple[torch.Size, torch.dtype]:
-        """Shape (of one layer, for per-layer parameters) and dtype, without reading data."""
-        _key, layer, meta = self._entry(name)
-        shape = meta.global_shape[1:] if layer is not None else meta.global_shape
-        return torch.Size(shape), meta.dtype
+        """Shape (of one layer / expert for stacked parameters) and dtype, without reading."""
+        _key, axes, meta = self._entry(name)
+        return torch.Size(meta.global_shape[len(axes) :]), meta.dtype
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The full tensors of `names`, in one load."""
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+        # One request per (key, layer): all experts of a layer are read together (one layer
+        # of the model), then split; a key is sliced along its layer axis only.
         request, where = {}, {}
         for name in names:
-            key, layer, meta = self._entry(name)
+            key, axes, meta = self._entry(name)
             shape = tuple(meta.global_shape)
-            if layer is None:
-                local = torch.empty(shape, dtype=meta.dtype)
-                tensor = ShardedTensor.from_rank_offsets(key, local, replica_id=0)
-            else:
-                local = torch.empty((1, *shape[1:]), dtype=meta.dtype)
-                tensor = ShardedTensor.from_rank_offsets(
-                    key, local, (0, layer, shape[0]), replica_id=0
+            layer_axes = (
+                axes[:1] if key.startswith("decoder.layers.") and not _LAYER.match(key) else []
+            )
+            expert_axes = axes[len(layer_axes) :]
+            request_key = f"{key}@{'.'.join(map(str, layer_axes))}"
+            if request_key not in request:
+                local = torch.empty(
+                    (*[1] * len(layer_axes), *shape[len(layer_axes) :]), dtype=meta.dtype
                 )
-            request_key = f"{key}@{layer}"  # one layer of a key per call (see the callers)
-            request[request_key] = tensor
-            where[name] = (request_key, layer is not None)
+                offsets = [(axis, index, shape[axis]) for axis, index in enumerate(layer_axes)]
+                request[request_key] = ShardedTensor.from_rank_offsets(
+                    key, local, *offsets, replica_id=0
+                )
+            where[name] = (request_key, len(layer_axes), expert_axes)
         loaded = dist_checkpointing.load(request, self.dir, validate_access_integrity=False)
-        return {
-            name: loaded[rk][0] if layered else loaded[rk] for name, (rk, layered) in where.items()
-        }
+        out = {}
+        for name, (request_key, n_layer_axes, expert_axes) in where.items():
+            tensor = loaded[request_key]
+            for index in [0] * n_layer_axes + expert_axes:
+                tensor = tensor[index]
+            out[name] = tensor.clone() if expert_axes else tensor
+        return out

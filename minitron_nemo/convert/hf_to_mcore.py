@@ -29,6 +29,7 @@ from minitron_nemo.runtime.launch import run_on_ranks
 
 log = logging.getLogger(__name__)
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.*)")
+_LOCAL_EXPERT = re.compile(r"(.*\.local_experts\.)(\d+)(\..*)")
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,18 @@ class ConversionPlan:
     dtype: torch.dtype
     tp: int
     pp: int
+    ep: int = 1
+
+    @property
+    def world_size(self) -> int:
+        """Ranks the conversion runs on: every TP x PP shard, and EP copies of it for MoE
+        models (each holds its own experts; the dense weights are saved once)."""
+        return self.tp * self.pp * self.ep
 
 
-def plan_conversion(hf_dir: Path, tp: int, pp: int, dtype: str = "auto") -> ConversionPlan:
+def plan_conversion(
+    hf_dir: Path, tp: int, pp: int, dtype: str = "auto", ep: int = 1
+) -> ConversionPlan:
     """Read and check the HF directory; raise one MinitronError for the first problem."""
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
@@ -51,7 +61,7 @@ def plan_conversion(hf_dir: Path, tp: int, pp: int, dtype: str = "auto") -> Conv
     source = str(hf_dir / "config.json")
     family = family_for_config(raw, source)
     arch = family.arch_from_config(raw, source)
-    arch.check_parallel(tp, pp)
+    arch.check_parallel(tp, pp, ep)
     reader = SafetensorsReader(hf_dir)
     check_tensor_names(family, arch, reader.names(), hf_dir)
     if dtype == "auto":
@@ -60,7 +70,7 @@ def plan_conversion(hf_dir: Path, tp: int, pp: int, dtype: str = "auto") -> Conv
         resolved = DTYPES[dtype]
     else:
         raise MinitronError(f"--dtype: expected one of auto, {', '.join(DTYPES)}; got {dtype!r}")
-    return ConversionPlan(hf_dir, arch, resolved, tp, pp)
+    return ConversionPlan(hf_dir, arch, resolved, tp, pp, ep)
 
 
 def check_tensor_names(family: Family, arch: ModelArch, present: list[str], where: Path) -> None:
@@ -79,14 +89,30 @@ def check_tensor_names(family: Family, arch: ModelArch, present: list[str], wher
         )
 
 
-def global_name(local_name: str, model: torch.nn.Module) -> tuple[str, int | None]:
-    """(name with '*' for the layer index, global layer index) of a local parameter name."""
+def global_expert(local_expert: int, num_local_experts: int) -> int:
+    """The global index of this rank's local expert: megatron gives EP rank r the contiguous
+    experts [r * num_local, (r + 1) * num_local). The one place that maps experts to ranks."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_expert_model_parallel_rank() * num_local_experts + local_expert
+
+
+def global_name(local_name: str, model: torch.nn.Module) -> tuple[str, int | None, int | None]:
+    """(name with '*' for the layer and '<e>' for the expert index, global layer, global
+    expert) of a local parameter name."""
     match = _LAYER.fullmatch(local_name)
     if not match:
-        return local_name, None
+        return local_name, None, None
     local = int(match.group(1))
-    layer = model.decoder.layers[local].layer_number - 1  # layer_number is global, 1-based
-    return f"decoder.layers.*.{match.group(2)}", layer
+    block = model.decoder.layers[local]
+    layer = block.layer_number - 1  # layer_number is global, 1-based
+    rest, expert = match.group(2), None
+    expert_match = _LOCAL_EXPERT.fullmatch(rest)
+    if expert_match:
+        num_local = len(block.mlp.experts.local_experts)
+        expert = global_expert(int(expert_match.group(2)), num_local)
+        rest = f"{expert_match.group(1)}<e>{expert_match.group(3)}"
+    return f"decoder.layers.*.{rest}", layer, expert
 
 
 def rules_by_mcore_name(family: Family, arch: ModelArch) -> dict[str, Rule]:
@@ -103,19 +129,28 @@ def load_hf_weights(model: torch.nn.Module, arch: ModelArch, reader: Safetensors
 
     family = family_by_name(arch.family)
     rules = rules_by_mcore_name(family, arch)
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    tp = (
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+    )
+    # Experts are split over megatron's expert-tensor-parallel group (its size defaults to TP).
+    expert_tp = (
+        parallel_state.get_expert_tensor_parallel_rank(),
+        parallel_state.get_expert_tensor_parallel_world_size(),
+    )
     for local_name, param in model.named_parameters():
-        pattern, layer = global_name(local_name, model)
+        pattern, layer, expert = global_name(local_name, model)
         if pattern not in rules:
             raise RuntimeError(f"no conversion rule for megatron parameter {local_name}")
         rule = rules[pattern]
-        hf = [reader.get(n) for n in rule.hf_names(layer)]
+        names = rule.hf_names(layer, expert)
+        hf = [reader.get(n) for n in names]
         full = transforms.hf_to_mcore(rule, hf, arch)
+        tp_rank, tp_size = expert_tp if rule.per_expert else tp
         shard = transforms.tp_shard(full, param, rule, tp_rank, tp_size)
         if shard.shape != param.shape:
             raise MinitronError(
-                f"{rule.hf_names(layer)[0]}: shape {tuple(hf[0].shape)} does not fit megatron "
+                f"{names[0]}: shape {tuple(hf[0].shape)} does not fit megatron "
                 f"{local_name} {tuple(param.shape)} (check config.json)"
             )
         with torch.no_grad():
@@ -126,28 +161,36 @@ def _convert_on_rank(plan: ConversionPlan, tmp: Path) -> None:
     from minitron_nemo.models.build import build_model
     from minitron_nemo.runtime import distributed
 
-    with distributed.initialize(plan.tp, plan.pp):
+    with distributed.initialize(plan.tp, plan.pp, ep=plan.ep):
         model = build_model(plan.arch, plan.dtype, use_te=False)
         load_hf_weights(model, plan.arch, SafetensorsReader(plan.hf_dir))
         checkpoint.save_weights(model, tmp / "weights")
 
 
 def hf_to_mcore(
-    hf_dir: Path, out: Path, tp: int = 1, pp: int = 1, dtype: str = "auto", force: bool = False
+    hf_dir: Path,
+    out: Path,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: str = "auto",
+    force: bool = False,
+    ep: int = 1,
 ) -> ModelArch:
-    """Convert an HF directory into a checkpoint directory (see checkpoint.py)."""
+    """Convert an HF directory into a checkpoint directory (see checkpoint.py); MoE models
+    may be sharded over `ep` expert-parallel ranks."""
     start = time.time()
-    plan = plan_conversion(Path(hf_dir), tp, pp, dtype)
+    plan = plan_conversion(Path(hf_dir), tp, pp, dtype, ep)
     needed = model_bytes(plan.arch, plan.dtype)
     require_free(Path(out).parent, needed)
     with (
         atomic.atomic_directory(Path(out), force=force) as tmp,
         translate_disk_full(Path(out).parent, needed),
     ):
-        run_on_ranks(_convert_on_rank, tp * pp, plan, tmp)
+        run_on_ranks(_convert_on_rank, plan.world_size, plan, tmp)
         checkpoint.copy_tokenizer(plan.hf_dir, tmp / "tokenizer")
         checkpoint.write_meta(
-            tmp, plan.arch, plan.dtype, saved_tp=tp, saved_pp=pp, source=str(plan.hf_dir)
-        )
+            tmp, plan.arch, plan.dtype, saved_tp=tp, saved_pp=pp, saved_ep=ep,
+            source=str(plan.hf_dir),
+        )  # fmt: skip
     log.info("converted %s -> %s in %.1f s", hf_dir, out, time.time() - start)
     return plan.arch

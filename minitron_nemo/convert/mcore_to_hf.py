@@ -13,6 +13,7 @@ from minitron_nemo.convert import transforms
 from minitron_nemo.convert.safetensors_io import StreamingSafetensorsWriter
 from minitron_nemo.models.arch import ModelArch
 from minitron_nemo.models.families import family_by_name
+from minitron_nemo.models.families.base import layer_items
 from minitron_nemo.runtime.diskspace import model_bytes, require_free, translate_disk_full
 
 log = logging.getLogger(__name__)
@@ -20,28 +21,27 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
 def _groups(arch: ModelArch):
-    """(layer, rules) read together, in HF file order: the leading whole-model rules
-    (embedding) one by one, then each layer's rules, then the trailing ones (final norm,
-    output layer) one by one."""
+    """(layer, [(rule, expert), ...]) read together, in HF file order: the leading
+    whole-model rules (embedding) one by one, then each layer's parameters (all its experts
+    included), then the trailing ones (final norm, output layer) one by one."""
     rules = family_by_name(arch.family).rules(arch)
     first = next(i for i, r in enumerate(rules) if r.per_layer)
-    layered = [r for r in rules if r.per_layer]
-    yield from ((None, [r]) for r in rules[:first] if not r.per_layer)
-    yield from ((layer, layered) for layer in range(arch.num_layers))
-    yield from ((None, [r]) for r in rules[first:] if not r.per_layer)
+    yield from ((None, [(r, None)]) for r in rules[:first] if not r.per_layer)
+    yield from ((layer, layer_items(rules, arch, layer)) for layer in range(arch.num_layers))
+    yield from ((None, [(r, None)]) for r in rules[first:] if not r.per_layer)
 
 
-def _hf_pieces(rule, layer, tensor, arch: ModelArch):
-    names = rule.hf_names(layer)
+def _hf_pieces(rule, layer, expert, tensor, arch: ModelArch):
+    names = rule.hf_names(layer, expert)
     return zip(names, transforms.mcore_to_hf(rule, tensor, arch), strict=True)
 
 
 def hf_tensors(reader, arch: ModelArch, dtype: torch.dtype):
     """Yield (HF name, tensor in `dtype`) from a checkpoint reader, one group at a time."""
-    for layer, rules in _groups(arch):
-        tensors = reader.read([rule.mcore_name(layer) for rule in rules])
-        for rule in rules:
-            for name, t in _hf_pieces(rule, layer, tensors[rule.mcore_name(layer)], arch):
+    for layer, items in _groups(arch):
+        tensors = reader.read([rule.mcore_name(layer, e) for rule, e in items])
+        for rule, e in items:
+            for name, t in _hf_pieces(rule, layer, e, tensors[rule.mcore_name(layer, e)], arch):
                 yield name, t.to(dtype)
 
 
@@ -49,10 +49,10 @@ def hf_plan(reader, arch: ModelArch, dtype: torch.dtype) -> list[tuple[str, tupl
     """(HF name, shape, dtype) of every tensor `hf_tensors` yields, in the same order, from
     metadata only (the transforms run on meta tensors)."""
     plan = []
-    for layer, rules in _groups(arch):
-        for rule in rules:
-            meta = torch.empty(reader.shape(rule.mcore_name(layer))[0], device="meta")
-            plan += [(n, tuple(t.shape), dtype) for n, t in _hf_pieces(rule, layer, meta, arch)]
+    for layer, items in _groups(arch):
+        for rule, e in items:
+            meta = torch.empty(reader.shape(rule.mcore_name(layer, e))[0], device="meta")
+            plan += [(n, tuple(t.shape), dtype) for n, t in _hf_pieces(rule, layer, e, meta, arch)]
     return plan
 
 

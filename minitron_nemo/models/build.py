@@ -9,10 +9,12 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from minitron_nemo.errors import MinitronError
@@ -39,6 +41,51 @@ def layer_spec(use_te: bool, qk_layernorm: bool = False) -> ModuleSpec:
     return spec
 
 
+def decoder_spec(
+    arch: ModelArch, config: TransformerConfig, use_te: bool
+) -> ModuleSpec | TransformerBlockSubmodules:
+    """The decoder's spec: one layer spec for a dense model; for an MoE model megatron's block
+    spec (MoE and dense layers as `config.moe_layer_freq` says; experts as SequentialMLP, or
+    TEGroupedMLP when `config.moe_grouped_gemm`), with SDPA core attention in the local spec."""
+    if not arch.is_moe:
+        return layer_spec(use_te, arch.qk_layernorm)
+    block = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=use_te, normalization="RMSNorm"
+    )
+    if not use_te:
+        for spec in block.layer_specs:
+            spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return block
+
+
+def moe_config_kwargs(arch: ModelArch, use_te: bool, aux_loss_coeff: float = 0.0) -> dict:
+    """TransformerConfig fields of an MoE architecture: router (fp32, softmax, top-k, with or
+    without renormalised top-k probabilities), dropless experts, shared expert, layer pattern,
+    token dispatcher (alltoall, the EP > 1 choice on clusters; cpu_compat makes it run on gloo).
+    The router's load-balancing loss is added only in training, scaled by `aux_loss_coeff`."""
+    if not arch.is_moe:
+        return {}
+    pattern = arch.moe_layer_pattern()
+    return dict(
+        num_moe_experts=arch.num_experts,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_router_topk=arch.moe_router_topk,
+        # norm_topk_prob true: top-k of the logits, then softmax over those k;
+        # false: softmax over every expert, then top-k (probabilities not renormalised).
+        moe_router_pre_softmax=not arch.moe_norm_topk_prob,
+        moe_router_score_function="softmax",
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss" if aux_loss_coeff else "none",
+        moe_aux_loss_coeff=aux_loss_coeff,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=use_te,
+        moe_shared_expert_intermediate_size=arch.moe_shared_expert_size or None,
+        moe_shared_expert_gate=arch.moe_shared_expert_gate,
+        moe_layer_freq=1 if all(pattern) else pattern,
+        expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+    )
+
+
 def transformer_config(
     arch: ModelArch,
     dtype: torch.dtype = torch.float32,
@@ -47,8 +94,9 @@ def transformer_config(
     fused_kernels: bool = False,
     sequence_parallel: bool = False,
     recompute: str = "none",
+    moe_aux_loss_coeff: float = 0.0,
 ) -> TransformerConfig:
-    """megatron TransformerConfig for `arch` with the current parallel state's TP/PP sizes.
+    """megatron TransformerConfig for `arch` with the current parallel state's TP/PP/EP sizes.
 
     `fused_kernels` (with the TE spec on a GPU) turns on fused RoPE and the fused SwiGLU; off,
     CPU and GPU run the same unfused math. `recompute`: none, selective (core attention) or
@@ -74,6 +122,7 @@ def transformer_config(
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
@@ -96,6 +145,7 @@ def transformer_config(
         # in TE's fp8 autocast when `fp8` is set.
         fp8=fp8,
         **recompute_kwargs,
+        **moe_config_kwargs(arch, use_te=fused_kernels, aux_loss_coeff=moe_aux_loss_coeff),
     )
 
 
@@ -122,14 +172,16 @@ def build_model(
     fp8: str | None = None,
     sequence_parallel: bool = False,
     recompute: str = "none",
+    moe_aux_loss_coeff: float = 0.0,
 ) -> GPTModel:
-    """This rank's shard (TP slice, PP stage) of the model, on the runtime device."""
+    """This rank's shard (TP slice, PP stage, EP experts) of the model, on the runtime device."""
     te = resolve_te(use_te, fp8)
     if sequence_parallel and not cpu_compat.cuda_available():
         raise MinitronError("parallel.sequence_parallel needs GPUs (its collectives need NCCL)")
     arch.check_parallel(
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_expert_model_parallel_world_size(),
     )
     config = transformer_config(
         arch,
@@ -139,11 +191,12 @@ def build_model(
         fused_kernels=te and cpu_compat.cuda_available(),
         sequence_parallel=sequence_parallel,
         recompute=recompute,
+        moe_aux_loss_coeff=moe_aux_loss_coeff,
     )
     scaling = arch.rope_scaling or {}
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(te),
+        transformer_layer_spec=decoder_spec(arch, config, te),
         vocab_size=arch.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),

@@ -23,8 +23,19 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+class _NullEvent:
+    """Stand-in for `torch.cuda.Event` (work on CPU is complete when it returns)."""
+
+    def synchronize(self) -> None:
+        return None
+
+    def wait(self, _stream: object = None) -> None:
+        return None
+
+
 class _NullStream:
-    """Stand-in for `torch.cuda.Stream` (DDP grad sync calls `current_stream().wait_stream`)."""
+    """Stand-in for `torch.cuda.Stream` (DDP grad sync calls `current_stream().wait_stream`;
+    the MoE alltoall dispatcher records an event on its own stream and synchronises it)."""
 
     def wait_stream(self, _stream: object) -> None:
         return None
@@ -32,9 +43,11 @@ class _NullStream:
     def synchronize(self) -> None:
         return None
 
-    def record_event(self, _event: object = None) -> None:
-        return None
+    def record_event(self, _event: object = None) -> _NullEvent:
+        return _NullEvent()
 
+
+_NULL_STREAM = _NullStream()
 
 def _redirect_cuda_device(device: object) -> object:
     if isinstance(device, str) and device.startswith("cuda"):
@@ -84,7 +97,7 @@ def install() -> None:
     # p2p_communication.py and the schedules call torch.cuda.synchronize() after sends.
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
     # distributed/param_and_grad_buffer.py: `torch.cuda.current_stream()` around grad sync.
-    torch.cuda.current_stream = lambda device=None: _NullStream()  # type: ignore[assignment]
+    torch.cuda.current_stream = lambda device=None: _NULL_STREAM  # type: ignore[assignment]
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()  # type: ignore[assignment]
     # language_module.py `setup_embeddings_and_output_layer` (tied embeddings at PP > 1) does
     # `weight.data = weight.data.cuda()` before all-reducing the copy on the last stage.
@@ -116,6 +129,30 @@ def install() -> None:
     # beside it, and the tracker above holds the model-parallel states).
     tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
     tp_random._set_cuda_rng_state = lambda *args, **kwargs: None
+
+    # MoE alltoall token dispatcher (transformer/moe/token_dispatcher.py): its constructor
+    # creates `torch.cuda.Stream()` for device-to-host copies of the split sizes unless the
+    # class already holds one; give it the null stream (current_stream() returns the same
+    # object, so no side-stream handling is attempted).
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _NULL_STREAM
+    # Its split sizes are moved to host only from CUDA tensors, so on CPU they stay tensors,
+    # which gloo's all_to_all_single refuses ("incompatible function arguments"): pass lists.
+    token_dispatcher.all_to_all = _all_to_all_with_list_splits
+
+
+def _all_to_all_with_list_splits(group, input_, output_split_sizes_=None, input_split_sizes=None,
+                                 use_nccl_stream=False):  # fmt: skip
+    """megatron's `tensor_parallel.all_to_all` with split sizes given as Python lists."""
+    from megatron.core.tensor_parallel import mappings
+
+    def as_list(sizes):
+        return None if sizes is None else [int(x) for x in sizes]
+
+    return mappings.all_to_all(
+        group, input_, as_list(output_split_sizes_), as_list(input_split_sizes), use_nccl_stream
+    )
 
 
 def _clip_grad_by_total_norm_fp32(

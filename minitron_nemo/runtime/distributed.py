@@ -28,7 +28,8 @@ from minitron_nemo.runtime import cpu_compat
 
 @dataclass(frozen=True)
 class ParallelContext:
-    """Where this process sits in the TP x PP x DP grid."""
+    """Where this process sits in the TP x PP x DP grid (and, for MoE layers, the EP grid:
+    expert parallelism splits the experts over ranks of the data-parallel dimension)."""
 
     rank: int
     world_size: int
@@ -39,6 +40,8 @@ class ParallelContext:
     pp_rank: int
     dp_rank: int
     device: torch.device
+    ep: int = 1
+    ep_rank: int = 0
 
     @property
     def is_first_stage(self) -> bool:
@@ -64,8 +67,11 @@ def _device(local_rank: int) -> torch.device:
 
 
 @contextlib.contextmanager
-def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> Iterator[ParallelContext]:
-    """Initialise torch.distributed and megatron parallel state; tear both down on exit."""
+def initialize(
+    tp: int = 1, pp: int = 1, seed: int = 1234, ep: int = 1
+) -> Iterator[ParallelContext]:
+    """Initialise torch.distributed and megatron parallel state; tear both down on exit.
+    `ep` (expert parallel size) must divide the data-parallel size x tp (megatron's rule)."""
     from megatron.core import parallel_state, tensor_parallel
 
     cpu_compat.install()
@@ -76,6 +82,11 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> Iterator[ParallelC
         raise MinitronError(
             f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel "
             f"= {tp} x {pp}"
+        )
+    if (world_size // (tp * pp)) % ep:
+        raise MinitronError(
+            f"expert parallel size {ep} must divide the data-parallel size "
+            f"{world_size // (tp * pp)} (world {world_size} / (tp {tp} x pp {pp}))"
         )
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
@@ -94,7 +105,9 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> Iterator[ParallelC
     failed = False
     try:
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
         )
         # On CPU this uses cpu_compat's tracker (CPU generator states, see there).
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -109,6 +122,8 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> Iterator[ParallelC
             pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
             dp_rank=parallel_state.get_data_parallel_rank(),
             device=device,
+            ep=ep,
+            ep_rank=parallel_state.get_expert_model_parallel_rank(),
         )
     except BaseException:
         failed = True

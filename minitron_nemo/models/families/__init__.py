@@ -1,6 +1,13 @@
 """HF model families: one declarative module each, registered by `architectures` name."""
 
-from minitron_nemo.models.families import llama, mistral, qwen2  # noqa: F401  (registration)
+from minitron_nemo.models.families import (  # noqa: F401  (registration)
+    llama,
+    mistral,
+    mixtral,
+    qwen2,
+    qwen2_moe,
+    qwen3,
+)
 from minitron_nemo.models.families.base import (
     REGISTRY,
     Family,

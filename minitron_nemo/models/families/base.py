@@ -1,7 +1,9 @@
 """What a family declares (name map + config translation) and the registry that finds it.
 
 A `Rule` ties one megatron parameter to the HF tensors it is made of; `*` stands for the layer
-index. The reverse map (megatron -> HF) is derived from the same rules, never written twice.
+index and `<e>` for the (global) expert index of an MoE layer. The reverse map (megatron -> HF)
+is derived from the same rules, never written twice. A rule applies to every layer, or to the
+dense or the MoE layers only (`layers`), so one family map serves models that mix both.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from minitron_nemo.errors import MinitronError
 from minitron_nemo.models.arch import ModelArch
 
 RuleKind = Literal["copy", "vocab", "qkv", "gate_up"]
+LayerKind = Literal["all", "dense", "moe"]
+EXPERT = "<e>"
 
 # config.json entries that describe the file or the runtime, never the weights.
 METADATA_KEYS = frozenset(
@@ -57,16 +61,44 @@ class Rule:
     mcore: str
     hf: tuple[str, ...]
     kind: RuleKind = "copy"
+    layers: LayerKind = "all"
+    """Which decoder layers have this parameter: all, the dense-MLP ones or the MoE ones."""
 
     @property
     def per_layer(self) -> bool:
         return "*" in self.mcore
 
-    def mcore_name(self, layer: int | None) -> str:
-        return self.mcore.replace("*", str(layer)) if self.per_layer else self.mcore
+    @property
+    def per_expert(self) -> bool:
+        return EXPERT in self.mcore
 
-    def hf_names(self, layer: int | None) -> tuple[str, ...]:
-        return tuple(n.replace("*", str(layer)) if self.per_layer else n for n in self.hf)
+    def applies_to(self, arch: ModelArch, layer: int) -> bool:
+        if self.layers == "all":
+            return True
+        return arch.is_moe_layer(layer) == (self.layers == "moe")
+
+    def _fill(self, name: str, layer: int | None, expert: int | None) -> str:
+        if self.per_layer:
+            name = name.replace("*", str(layer))
+        if self.per_expert:
+            name = name.replace(EXPERT, str(expert))
+        return name
+
+    def mcore_name(self, layer: int | None, expert: int | None = None) -> str:
+        return self._fill(self.mcore, layer, expert)
+
+    def hf_names(self, layer: int | None, expert: int | None = None) -> tuple[str, ...]:
+        return tuple(self._fill(n, layer, expert) for n in self.hf)
+
+
+def layer_items(rules: list[Rule], arch: ModelArch, layer: int) -> list[tuple[Rule, int | None]]:
+    """(rule, global expert or None) of every parameter decoder layer `layer` has."""
+    items: list[tuple[Rule, int | None]] = []
+    for rule in rules:
+        if rule.per_layer and rule.applies_to(arch, layer):
+            experts = range(arch.num_experts) if rule.per_expert else [None]
+            items.extend((rule, e) for e in experts)
+    return items
 
 
 class Family:
@@ -89,11 +121,11 @@ class Family:
 
     def expected_hf_tensors(self, arch: ModelArch) -> list[str]:
         """Every HF tensor name a model of this architecture has, in layer order."""
-        names: list[str] = []
-        for rule in self.rules(arch):
-            layers = range(arch.num_layers) if rule.per_layer else [None]
-            for layer in layers:
-                names.extend(rule.hf_names(layer))
+        rules = self.rules(arch)
+        names = [n for rule in rules if not rule.per_layer for n in rule.hf_names(None)]
+        for layer in range(arch.num_layers):
+            for rule, expert in layer_items(rules, arch, layer):
+                names.extend(rule.hf_names(layer, expert))
         return names
 
     def is_ignorable(self, hf_name: str, arch: ModelArch) -> bool:

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from minitron_nemo.errors import MinitronError
 from minitron_nemo.models.arch import ModelArch
-from minitron_nemo.models.families.base import EXTRA_KEYS, Family, Rule, register
+from minitron_nemo.models.families.base import EXTRA_KEYS, Family, LayerKind, Rule, register
 
 LLAMA3_ROPE_KEYS = (
     "factor",
@@ -44,6 +44,7 @@ class LlamaLike(Family):
 
     qkv_bias: ClassVar[bool] = False
     has_head_dim: ClassVar[bool] = True
+    qk_layernorm: ClassVar[bool] = False
     extra_keys: ClassVar[tuple[str, ...]] = ()
 
     def rules(self, arch: ModelArch) -> list[Rule]:
@@ -62,12 +63,8 @@ class LlamaLike(Family):
                 "decoder.layers.*.pre_mlp_layernorm.weight",
                 (layer + "post_attention_layernorm.weight",),
             ),
-            Rule(
-                "decoder.layers.*.mlp.linear_fc1.weight",
-                (layer + "mlp.gate_proj.weight", layer + "mlp.up_proj.weight"),
-                "gate_up",
-            ),
-            Rule("decoder.layers.*.mlp.linear_fc2.weight", (layer + "mlp.down_proj.weight",)),
+            *self.dense_mlp_rules("dense" if arch.is_moe else "all"),
+            *(self.moe_rules(arch) if arch.is_moe else []),
             Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
         ]
         if arch.qkv_bias:
@@ -78,9 +75,40 @@ class LlamaLike(Family):
                     "qkv",
                 )
             )
+        if arch.qk_layernorm:
+            rules += [
+                Rule(
+                    "decoder.layers.*.self_attention.q_layernorm.weight", (attn + "q_norm.weight",)
+                ),
+                Rule(
+                    "decoder.layers.*.self_attention.k_layernorm.weight", (attn + "k_norm.weight",)
+                ),
+            ]
         if not arch.tie_embeddings:
             rules.append(Rule("output_layer.weight", ("lm_head.weight",), "vocab"))
         return rules
+
+    @staticmethod
+    def dense_mlp_rules(layers: LayerKind) -> list[Rule]:
+        mlp = "model.layers.*.mlp."
+        return [
+            Rule(
+                "decoder.layers.*.mlp.linear_fc1.weight",
+                (mlp + "gate_proj.weight", mlp + "up_proj.weight"),
+                "gate_up",
+                layers,
+            ),
+            Rule(
+                "decoder.layers.*.mlp.linear_fc2.weight",
+                (mlp + "down_proj.weight",),
+                "copy",
+                layers,
+            ),
+        ]
+
+    def moe_rules(self, arch: ModelArch) -> list[Rule]:
+        """Router, experts (and shared expert) of the MoE layers; MoE families define it."""
+        raise MinitronError(f"{self.name} models have no experts")
 
     def arch_from_config(self, raw: dict[str, Any], source: str) -> ModelArch:
         self.check_config_keys(raw, source)
@@ -112,8 +140,18 @@ class LlamaLike(Family):
             norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=self.qkv_bias,
+            qk_layernorm=self.qk_layernorm,
             hf_extra=extra,
+            **self.moe_fields(raw, source),
         )
+
+    def moe_fields(self, raw: dict[str, Any], source: str) -> dict[str, Any]:
+        """ModelArch's MoE fields from config.json (MoE families); none for dense ones."""
+        return {}
+
+    def moe_config_kwargs(self, arch: ModelArch) -> dict[str, Any]:
+        """config.json entries of the MoE fields (inverse of `moe_fields`)."""
+        return {}
 
     def hf_config_kwargs(self, arch: ModelArch) -> dict[str, Any]:
         if not self.has_head_dim and arch.head_dim * arch.num_attention_heads != arch.hidden_size:
@@ -137,6 +175,7 @@ class LlamaLike(Family):
         }
         if self.has_head_dim:
             kwargs["head_dim"] = arch.head_dim
+        kwargs.update(self.moe_config_kwargs(arch))
         return kwargs
 
 

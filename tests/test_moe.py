@@ -1,0 +1,166 @@
+"""MoE models (Qwen3-MoE, Qwen2-MoE, Mixtral) beyond logit parity (tests/test_convert.py):
+gradients equal to transformers' at EP=1 and EP=2, checkpoints saved at EP=2 export (and so
+load at EP=1) bit for bit, parameter counts against model cards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from minitron_nemo.convert import transforms
+from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
+from minitron_nemo.convert.mcore_to_hf import mcore_to_hf
+from minitron_nemo.models.arch import ModelArch
+from minitron_nemo.models.families import family_by_name
+from tests.helpers import REPO, VOCAB, make_tiny_hf, max_rel_err, torchrun
+from tests.test_convert import _hf_state
+
+GRAD_FAMILIES = ["qwen3_moe", "qwen2_moe"]  # top-k-then-softmax; softmax-then-top-k + shared
+GRAD_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    models = {}
+    for i, name in enumerate(GRAD_FAMILIES):
+        hf = make_tiny_hf(name, root / f"{name}_hf", seed=10 + i)
+        hf_to_mcore(hf, root / name)
+        models[name] = {"hf": hf, "ckpt": root / name}
+    return models
+
+
+def _hf_grads(hf_dir: Path, tokens_bs: torch.Tensor, weights_bsv: torch.Tensor):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    (model(tokens_bs).logits * weights_bsv).sum().backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if ".layers.0." in n}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("ep", [1, 2])
+def test_gradients_equal_transformers(moe_models, ep, tmp_path):
+    """Router, attention and expert gradients of layer 0 equal transformers'. At EP=2 each
+    rank runs its own tokens: router / attention gradients are those of the rank's tokens,
+    a rank's expert gradients the sum over both ranks' tokens (the alltoall brings them)."""
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, VOCAB, (ep, 2, 16), generator=g)
+    weights = torch.randn(ep, 2, 16, VOCAB, generator=g)
+    torch.save(tokens, tmp_path / "tokens.pt")
+    torch.save(weights, tmp_path / "weights.pt")
+    ckpts = [str(moe_models[f]["ckpt"]) for f in GRAD_FAMILIES]
+    files = [str(tmp_path / n) for n in ("tokens.pt", "weights.pt")]
+    torchrun(REPO / "tests/dist/moe_grad_worker.py", ep, *files, str(tmp_path), *ckpts)
+    for family in GRAD_FAMILIES:
+        arch = ModelArch.load(moe_models[family]["ckpt"] / "arch.yaml")
+        rules = {r.mcore: r for r in family_by_name(arch.family).rules(arch)}
+        hf = [_hf_grads(moe_models[family]["hf"], tokens[r], weights[r]) for r in range(ep)]
+        checked = 0
+        for rank in range(ep):
+            ours = torch.load(tmp_path / f"{family}_rank{rank}.pt")
+            hf_r = hf[rank]
+            mlp = "model.layers.0.mlp."
+            expected = {
+                "decoder.layers.*.mlp.router.weight": hf_r[mlp + "gate.weight"],
+                "decoder.layers.*.self_attention.linear_qkv.weight": transforms.hf_to_mcore(
+                    rules["decoder.layers.*.self_attention.linear_qkv.weight"],
+                    [hf_r[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"],
+                    arch,
+                ),
+            }
+            if arch.moe_shared_expert_gate:
+                expected["decoder.layers.*.mlp.shared_experts.gate_weight"] = hf_r[
+                    mlp + "shared_expert_gate.weight"
+                ]
+            for e in range(arch.num_experts):
+                fc = f"decoder.layers.*.mlp.experts.local_experts.{e}.linear_fc"
+                if fc + "1.weight" not in ours:
+                    continue  # on the other rank
+                expected[fc + "1.weight"] = sum(h[mlp + "experts.gate_up_proj"][e] for h in hf)
+                expected[fc + "2.weight"] = sum(h[mlp + "experts.down_proj"][e] for h in hf)
+            for name, want in expected.items():
+                err = max_rel_err(ours[name], want)
+                assert err < GRAD_TOL, f"{family} ep={ep} rank {rank} {name}: {err:.2e}"
+                checked += 1
+        # every expert's fc1 and fc2 was compared on exactly one rank
+        assert checked == ep * (2 + arch.moe_shared_expert_gate) + 2 * arch.num_experts
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("family", ["qwen3_moe_nonorm", "mixtral"])
+def test_ep2_checkpoint_exports_bitwise(family, tmp_path):
+    """Converted at EP=2 (each rank writes its experts), read back by one process (EP=1):
+    every HF tensor equal to the original, names as on disk (Mixtral's block_sparse_moe.*)."""
+    hf = make_tiny_hf(family, tmp_path / "hf", seed=5)
+    hf_to_mcore(hf, tmp_path / "mc_ep2", ep=2)
+    mcore_to_hf(tmp_path / "mc_ep2", tmp_path / "out")
+    original, exported = _hf_state(hf), _hf_state(tmp_path / "out")
+    assert set(exported) == set(original)
+    for name, tensor in original.items():
+        assert torch.equal(exported[name], tensor), name
+
+
+def _arch_from_config(config: dict) -> ModelArch:
+    from minitron_nemo.models.families import family_for_config
+
+    return family_for_config(config, "card").arch_from_config(config, "card")
+
+
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "tie_word_embeddings": False,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "use_sliding_window": False,
+}
+MIXTRAL_8X7B = {
+    "architectures": ["MixtralForCausalLM"],
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "tie_word_embeddings": False,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5,
+    "hidden_act": "silu",
+}
+
+
+@pytest.mark.parametrize(
+    "config,total,active",
+    [(QWEN3_30B_A3B, 30.5e9, 3.3e9), (MIXTRAL_8X7B, 46.7e9, 12.9e9)],
+    ids=["qwen3-30b-a3b", "mixtral-8x7b"],
+)
+def test_parameter_counts_match_model_cards(config, total, active):
+    """Total and active (per token: attention, router, top-k experts, embeddings and output
+    layer) parameters from the config alone. Measured: Qwen3-30B-A3B 30.53B / 3.353B (the card
+    prints 3.3B), Mixtral-8x7B 46.70B / 12.88B; without the embedding table the active counts
+    would be 2.73B / 12.62B, so the cards count it."""
+    arch = _arch_from_config(config)
+    assert abs(arch.num_parameters() - total) / total < 0.005
+    assert abs(arch.num_parameters(active=True) - active) / active < 0.02
+    assert arch.num_parameters(active=True, include_embeddings=False) < 0.98 * active
