@@ -30,7 +30,7 @@ def _cmd_hf_to_mcore(args: argparse.Namespace) -> None:
     from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
 
     arch = hf_to_mcore(
-        args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, force=args.force
+        args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, force=args.force, ep=args.ep
     )
     print(f"wrote {args.out} ({arch.family}, {arch.num_parameters() / 1e6:.1f}M parameters)")
 
@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     h2m.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
     h2m.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     h2m.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    h2m.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE models)")
     h2m.add_argument("--dtype", default="auto", help="auto (from the weights) | bf16 | fp32")
     h2m.add_argument("--force", action="store_true", help="replace an existing --out")
     h2m.set_defaults(func=_cmd_hf_to_mcore)

@@ -80,13 +80,22 @@ class ParallelConfig:
     """Pipeline parallel size."""
     dp: int = 1
     """Data parallel size (distillation); world size = tp x pp x dp."""
+    ep: int = 1
+    """Expert parallel size (MoE models): the experts of each MoE layer are split over `ep`
+    ranks of the data-parallel dimension (megatron's layout), so it must divide dp."""
     sequence_parallel: bool = False
-    """megatron sequence parallelism at tp > 1 (GPU: its collectives need NCCL)."""
+    """megatron sequence parallelism at tp > 1 (GPU: its collectives need NCCL). Training an
+    MoE model at tp > 1 needs it (megatron's rule)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "parallel", "tp", "pp", "dp")
+        _positive(self, "parallel", "tp", "pp", "dp", "ep")
         if self.sequence_parallel and self.tp == 1:
             raise MinitronError("parallel.sequence_parallel needs parallel.tp > 1")
+        if self.dp % self.ep:
+            raise MinitronError(
+                f"parallel.ep = {self.ep} must divide parallel.dp = {self.dp} (experts are split "
+                "over data-parallel ranks)"
+            )
 
 
 @dataclass
@@ -266,6 +275,10 @@ class DistillConfig:
     `minitron teacher-cache`) to distill from instead of running the teacher: needs kl topk with
     the cache's K and temperature, and the same data; no intermediate_pairs."""
     temperature: float = 1.0
+    moe_aux_loss_coeff: float = 1e-3
+    """Weight of the router's load-balancing loss of an MoE student (megatron's aux_loss;
+    logged as loss_moe_aux, the unweighted mean over MoE layers); 0 turns it off. Ignored for
+    dense students."""
     logits_weight: float = 1.0
     """Weight of the logit KD loss (0 disables it)."""
     lm_weight: float = 0.0
@@ -464,7 +477,7 @@ def check_against_teacher(cfg: RunConfig) -> None:
     arch = teacher_arch(cfg)
     if arch is None:
         return
-    arch.check_parallel(cfg.parallel.tp, cfg.parallel.pp)
+    arch.check_parallel(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
     plan_architecture(arch, cfg.prune, cfg.parallel.tp, cfg.parallel.pp)
 
 

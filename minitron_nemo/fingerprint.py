@@ -32,7 +32,7 @@ TRAINING = (
     "parallel",
 )
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "teacher": ("teacher", "dtype", "parallel.tp", "parallel.pp"),
+    "teacher": ("teacher", "dtype", "parallel.tp", "parallel.pp", "parallel.ep"),
     "data": ("teacher", "data"),  # the teacher's tokenizer and vocabulary
     "correct": ("teacher_correction", *TRAINING),
     "prune": ("prune", "parallel.tp", "parallel.pp"),

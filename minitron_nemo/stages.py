@@ -162,7 +162,7 @@ class Pipeline:
         from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
 
         p = self.cfg.parallel
-        hf_to_mcore(self.teacher_hf_dir(), out, tp=p.tp, pp=p.pp, dtype=self.cfg.dtype)
+        hf_to_mcore(self.teacher_hf_dir(), out, tp=p.tp, pp=p.pp, dtype=self.cfg.dtype, ep=p.ep)
 
     def stage_data(self, out: Path) -> None:
         from minitron_nemo.data.stage import run_data_stage
@@ -210,6 +210,7 @@ class Pipeline:
             resume=True,
             init_random=init_random,
             sequence_parallel=p.sequence_parallel,
+            ep=p.ep,
         )
 
     def stage_correct(self, out: Path) -> None:

@@ -164,3 +164,87 @@ def test_parameter_counts_match_model_cards(config, total, active):
     assert abs(arch.num_parameters() - total) / total < 0.005
     assert abs(arch.num_parameters(active=True) - active) / active < 0.02
     assert arch.num_parameters(active=True, include_embeddings=False) < 0.98 * active
+
+
+# -- training ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def kd_moe(tmp_path_factory):
+    """A Qwen3-MoE teacher (4 layers, 4 experts, layer 2 dense), an MoE student (2 layers,
+    narrower experts), a dense Llama student, and 46 samples of 17 random tokens."""
+    from tests.helpers import random_documents, token_data_spec
+
+    root = tmp_path_factory.mktemp("kd_moe")
+    make_tiny_hf("qwen3_moe_nonorm", root / "teacher_hf", seed=1)
+    hf_to_mcore(root / "teacher_hf", root / "teacher")
+    make_tiny_hf("qwen3_moe", root / "student_hf", seed=2, num_hidden_layers=2,
+                 moe_intermediate_size=16)  # fmt: skip
+    hf_to_mcore(root / "student_hf", root / "student")
+    make_tiny_hf("llama", root / "dense_hf", seed=3, num_hidden_layers=2, intermediate_size=64)
+    hf_to_mcore(root / "dense_hf", root / "dense")
+    data = token_data_spec(root / "data", random_documents(30, 25), seq_length=16)
+    return root, data
+
+
+def _moe_cfg(**overrides):
+    from minitron_nemo.config import DistillConfig
+
+    base = dict(steps=6, global_batch_size=4, micro_batch_size=2, lr=3e-3, min_lr=3e-4,
+                warmup_steps=1, save_every=2, kd_chunk_tokens=7, lm_weight=0.5)  # fmt: skip
+    return DistillConfig(**{**base, **overrides})
+
+
+@pytest.mark.dist
+def test_moe_distillation_ep2_equals_ep1_logs_aux_loss_and_resumes_bitwise(kd_moe, tmp_path):
+    """MoE teacher -> MoE student at DP=2: with the experts split over 2 ranks (EP=2, tokens
+    exchanged by alltoall) the losses equal EP=1's; the router's load-balancing loss is a
+    term of its own; a run killed after step 3 resumes from step 2 to the same losses and
+    bitwise the same weights."""
+    import dataclasses
+
+    from minitron_nemo.distill.checkpoints import latest_checkpoint
+    from minitron_nemo.distill.train import train
+    from tests.test_distill import _losses, _run_subprocess, _weights
+
+    root, data = kd_moe
+    cfg = _moe_cfg()
+    train(root / "student", tmp_path / "ep1", cfg, data, root / "teacher", dp=2, ep=1)
+    train(root / "student", tmp_path / "ep2", cfg, data, root / "teacher", dp=2, ep=2)
+    ep1, ep2 = _losses(tmp_path / "ep1"), _losses(tmp_path / "ep2")
+    assert ep2 == pytest.approx(ep1, rel=1e-5)
+    aux = _losses(tmp_path / "ep2", "loss_moe_aux")
+    assert len(aux) == 6 and all(0 < a < 10 for a in aux)
+    assert aux == pytest.approx(_losses(tmp_path / "ep1", "loss_moe_aux"), rel=1e-5)
+    assert ep2[-1] < ep2[0]
+
+    spec = {"student": str(root / "student"), "teacher": str(root / "teacher"),
+            "out": str(tmp_path / "killed"), "cfg": cfg.__dict__,
+            "data": dataclasses.asdict(data), "dp": 2, "ep": 2}  # fmt: skip
+    assert _run_subprocess({**spec, "kill_after_step": 3}, tmp_path / "spec.json") != 0
+    assert latest_checkpoint(tmp_path / "killed" / "checkpoints").name == "step_000002"
+    assert _run_subprocess(spec, tmp_path / "spec.json") == 0
+    assert _losses(tmp_path / "killed") == ep2
+    w_full = _weights(tmp_path / "ep2" / "checkpoints" / "step_000006")
+    w_res = _weights(tmp_path / "killed" / "checkpoints" / "step_000006")
+    assert w_full.keys() == w_res.keys() and all(torch.equal(w_res[k], w_full[k]) for k in w_full)
+
+
+@pytest.mark.dist
+def test_dense_student_distills_from_an_moe_teacher_at_ep2(kd_moe, tmp_path):
+    """A dense student ignores the expert grid: distilled from the MoE teacher with its experts
+    split over 2 ranks it trains exactly as with EP=1; no router loss is logged."""
+    from minitron_nemo.distill.train import train
+    from tests.test_distill import _losses
+
+    root, data = kd_moe
+    cfg = _moe_cfg(steps=3, save_every=3)
+    for ep in (1, 2):
+        train(root / "dense", tmp_path / f"ep{ep}", cfg, data, root / "teacher", dp=2, ep=ep)
+    assert _losses(tmp_path / "ep2") == pytest.approx(_losses(tmp_path / "ep1"), rel=1e-5)
+    assert _losses(tmp_path / "ep2", "loss_logits")[0] > 0
+    assert "loss_moe_aux" not in read_metrics_keys(tmp_path / "ep2")
+
+
+def read_metrics_keys(out: Path) -> set[str]:
+    from minitron_nemo.metrics import read_metrics
+
+    return {k for m in read_metrics(out) for k in m}

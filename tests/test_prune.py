@@ -333,3 +333,43 @@ def test_shard_local_pruning_equals_the_whole_model_round_trip(source, tmp_path,
     assert len(report["dropped_layers"]) == 2 and arch.num_layers == 2
     exported = _state(tmp_path / "new" / "hf")  # the streamed HF copy of the new checkpoint
     assert set(exported) == set(sliced) and all(torch.equal(exported[k], sliced[k]) for k in sliced)
+
+
+def test_qwen3_prunes_on_every_axis_and_loads_in_transformers(tmp_path, calib):
+    """Qwen3 (per-head q/k norms, head_dim 24 != hidden / heads) pruned in hidden, ffn, heads,
+    query groups and depth: transformers loads the export and gives the pruned checkpoint's
+    logits; q_norm / k_norm are the kept layers' own, untouched."""
+    from transformers import AutoModelForCausalLM
+
+    hf = make_tiny_hf("qwen3", tmp_path / "hf", seed=4)
+    hf_to_mcore(hf, tmp_path / "mc")
+    cfg = PruneConfig(
+        hidden_size=48,
+        ffn_hidden_size=64,
+        num_attention_heads=2,
+        num_query_groups=1,
+        num_layers=3,
+        depth_eval_samples=4,
+        micro_batch_size=2,
+    )
+    report = run_prune(tmp_path / "mc", tmp_path / "out", cfg, calib())
+    pruned, source = _state(tmp_path / "out" / "hf"), _state(hf)
+    for j, i in enumerate(report["kept_layers"]):
+        for norm in ("q_norm", "k_norm"):
+            name = f"self_attn.{norm}.weight"
+            assert torch.equal(
+                pruned[f"model.layers.{j}.{name}"], source[f"model.layers.{i}.{name}"]
+            )
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "hf").eval()
+    assert (model.config.hidden_size, model.config.num_key_value_heads) == (48, 1)
+    with torch.no_grad():
+        expected = model(TOKENS).logits
+    assert max_rel_err(_logits(tmp_path / "out" / "ckpt"), expected) < 1e-5
+
+
+def test_moe_pruning_is_refused_with_one_line(tmp_path, calib):
+    hf = make_tiny_hf("qwen3_moe", tmp_path / "hf")
+    hf_to_mcore(hf, tmp_path / "mc")
+    with pytest.raises(MinitronError, match=r"qwen3_moe is a Mixture-of-Experts model"):
+        run_prune(tmp_path / "mc", tmp_path / "out", PruneConfig(hidden_size=48), calib())
+    assert not (tmp_path / "out").exists()

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from minitron_nemo.models.arch import ModelArch
 from minitron_nemo.runtime.progress import Progress
 
-TERMS = ("loss", "loss_logits", "loss_lm", "loss_intermediate")
+TERMS = ("loss", "loss_logits", "loss_lm", "loss_intermediate", "loss_moe_aux")
 # Dense peak FLOP/s by device name fragment (bf16 / fp32-as-tf32), from the vendors' sheets.
 GPU_PEAKS = {"H200": (989e12, 495e12), "H100": (989e12, 495e12), "A100": (312e12, 156e12)}
 

@@ -99,6 +99,7 @@ def train(
     init_random: bool = False,
     sequence_parallel: bool = False,
     hooks=None,
+    ep: int = 1,
 ) -> Path:
     """Train on the train view of `data` and return the final checkpoint directory
     (out/checkpoints/step_<steps>). `hooks` (trainer.TrainHooks) inject faults in tests."""
@@ -113,7 +114,14 @@ def train(
         checkpoint.require_checkpoint(teacher_ckpt)
         _check_tokenizers(student_ckpt, teacher_ckpt)
     arch = ModelArch.load(student_ckpt / "arch.yaml")
-    arch.check_parallel(tp, pp)
+    arch.check_parallel(tp, pp, ep if arch.is_moe else 1)
+    if dp % ep:
+        raise MinitronError(f"parallel.ep = {ep} must divide parallel.dp = {dp}")
+    if arch.is_moe and tp > 1 and not sequence_parallel:
+        raise MinitronError(
+            f"{cfg.mode}: training an MoE model at tp = {tp} needs parallel.sequence_parallel "
+            "(megatron's rule; it needs GPUs): set it, or train at tp = 1 with parallel.ep"
+        )
     if cfg.intermediate_pairs and cfg.mode == "distill":
         check_pairs(cfg.intermediate_pairs, arch, ModelArch.load(teacher_ckpt / "arch.yaml"), pp)
     # The train view for this training's length, built once before the ranks start.
@@ -144,6 +152,7 @@ def train(
         init_random,
         sequence_parallel,
         hooks,
+        ep,
         handles_stop=True,
     )
     outcome = json.loads((out / OUTCOME).read_text()) if (out / OUTCOME).is_file() else {}

@@ -128,7 +128,12 @@ class Trainer:
             recompute=cfg.recompute,
         )
         self.student = build_model(
-            self.arch, self.dtype, perform_initialization=init_random, fp8=cfg.fp8, **model_kwargs
+            self.arch,
+            self.dtype,
+            perform_initialization=init_random,
+            fp8=cfg.fp8,
+            moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+            **model_kwargs,
         )
         if not init_random:
             checkpoint.load_weights(self.student, student_ckpt / "weights")
@@ -366,6 +371,24 @@ class Trainer:
             self.alpha = torch.where(stats[1] > 0, ratio, self.alpha)
         return intermediate
 
+    def _moe_aux_loss(self) -> torch.Tensor:
+        """The student's router load-balancing loss of this step, unweighted, mean over its
+        MoE layers and micro-batches (megatron's routers record it per layer; the pipeline
+        stages' layers are summed), read from megatron's MoE metrics tracker and cleared."""
+        from megatron.core import parallel_state
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+        tracker = get_moe_metrics_tracker()
+        entry = tracker.metrics.get("load_balancing_loss")
+        total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+        if entry is not None:
+            total += entry.values.double().sum().to(self.ctx.device)
+        if self.ctx.pp > 1:
+            dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+        tracker.clear()
+        n_moe = sum(self.arch.moe_layer_pattern())
+        return (total / (n_moe * self.n_micro)).float()
+
     def _grads_finite(self) -> bool:
         """Every gradient finite on every rank (megatron's fp32 / bf16 optimizer does not check:
         a NaN would reach the weights). A sum is NaN / Inf iff an element is (gradients are far
@@ -447,6 +470,8 @@ class Trainer:
         terms = {}
         if losses:
             terms = {k: torch.stack([m[k] for m in losses]).mean() for k in losses[0]}
+        if self.arch.is_moe and cfg.moe_aux_loss_coeff:
+            terms["loss_moe_aux"] = self._moe_aux_loss()
         if self.pair.pairs:
             terms["loss_intermediate"] = self._intermediate_step(losses, update_alpha=dynamic)
         self.last_alpha = alpha
@@ -527,10 +552,14 @@ def train_on_rank(
     init_random: bool,
     sequence_parallel: bool = False,
     hooks: TrainHooks | None = None,
+    ep: int = 1,
 ) -> None:
     from minitron_nemo.runtime import distributed
 
-    with StopRequest() as stop, distributed.initialize(tp=tp, pp=pp, seed=cfg.seed) as ctx:
+    with (
+        StopRequest() as stop,
+        distributed.initialize(tp=tp, pp=pp, seed=cfg.seed, ep=ep) as ctx,
+    ):
         trainer = Trainer(
             ctx,
             student_ckpt,

@@ -181,7 +181,8 @@ def build_model(
     arch.check_parallel(
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_pipeline_model_parallel_world_size(),
-        parallel_state.get_expert_model_parallel_world_size(),
+        # A dense model (e.g. the student of an MoE teacher) ignores the expert grid.
+        parallel_state.get_expert_model_parallel_world_size() if arch.is_moe else 1,
     )
     config = transformer_config(
         arch,

@@ -33,6 +33,12 @@ class Targets(Protocol):
 
 def target_arch(source: ModelArch, targets: Targets, tp: int = 1, pp: int = 1) -> ModelArch:
     """The pruned architecture; refuses impossible targets with one line before any work."""
+    if source.is_moe:
+        raise MinitronError(
+            f"prune: {source.family} is a Mixture-of-Experts model; pruning MoE models (experts, "
+            "expert width, and the dense axes around them) is not supported yet: convert, "
+            "distill, export and evaluate it without a prune stage"
+        )
     sizes = {
         axis: getattr(targets, axis)
         if getattr(targets, axis) is not None

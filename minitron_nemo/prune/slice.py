@@ -105,6 +105,9 @@ def slice_layer(
         out[dst + "self_attn.q_proj." + suffix] = q
         out[dst + "self_attn.k_proj." + suffix] = k
         out[dst + "self_attn.v_proj." + suffix] = v
+    for norm in ("q_norm", "k_norm"):  # Qwen3: [head_dim], shared by every head: kept whole
+        if src + f"self_attn.{norm}.weight" in state:
+            out[dst + f"self_attn.{norm}.weight"] = state[src + f"self_attn.{norm}.weight"]
     o = _rows(state[src + "self_attn.o_proj.weight"], ch)
     out[dst + "self_attn.o_proj.weight"] = _cols(o, [h * d + j2 for h in heads for j2 in range(d)])
     for name in ("gate_proj", "up_proj"):

@@ -49,6 +49,7 @@ class _NullStream:
 
 _NULL_STREAM = _NullStream()
 
+
 def _redirect_cuda_device(device: object) -> object:
     if isinstance(device, str) and device.startswith("cuda"):
         return "cpu"

@@ -27,6 +27,7 @@ def main() -> int:
             tp=spec.get("tp", 1),
             pp=spec.get("pp", 1),
             dp=spec.get("dp", 1),
+            ep=spec.get("ep", 1),
             resume=spec.get("resume", True),
             hooks=hooks_from_spec(spec),
         )
