@@ -367,9 +367,45 @@ def test_qwen3_prunes_on_every_axis_and_loads_in_transformers(tmp_path, calib):
     assert max_rel_err(_logits(tmp_path / "out" / "ckpt"), expected) < 1e-5
 
 
-def test_moe_pruning_is_refused_with_one_line(tmp_path, calib):
-    hf = make_tiny_hf("qwen3_moe", tmp_path / "hf")
+@pytest.mark.dist
+def test_moe_prunes_hidden_heads_and_depth_at_tp1_and_tp2(tmp_path, calib):
+    """Qwen2-MoE (shared expert with its gate, layer 1 a dense MLP) pruned in hidden, heads,
+    dense ffn and depth: the router's and every expert's hidden axis follow, the kept layers
+    keep their kind, transformers loads the export with the pruned checkpoint's logits, and
+    TP=2 gives bitwise the same pruned weights as TP=1."""
+    from transformers import AutoModelForCausalLM
+
+    hf = make_tiny_hf("qwen2_moe", tmp_path / "hf", seed=6)
     hf_to_mcore(hf, tmp_path / "mc")
-    with pytest.raises(MinitronError, match=r"qwen3_moe is a Mixture-of-Experts model"):
-        run_prune(tmp_path / "mc", tmp_path / "out", PruneConfig(hidden_size=48), calib())
+    cfg = PruneConfig(
+        hidden_size=48,
+        ffn_hidden_size=64,
+        num_attention_heads=2,
+        num_layers=3,
+        depth_method="block_importance",
+        depth_scores=False,
+        depth_eval_samples=4,
+        micro_batch_size=2,
+    )
+    states = {}
+    for tp in (1, 2):
+        report = run_prune(tmp_path / "mc", tmp_path / f"tp{tp}", cfg, calib(), tp=tp)
+        states[tp] = _state(tmp_path / f"tp{tp}" / "hf")
+    assert set(states[1]) == set(states[2])
+    assert all(torch.equal(states[1][k], states[2][k]) for k in states[1])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tp1" / "hf").eval()
+    moe_kept = [j for j, i in enumerate(report["kept_layers"]) if i != 1]
+    assert model.config.mlp_only_layers == [j for j in range(3) if j not in moe_kept]
+    assert states[1]["model.layers.0.mlp.experts.3.down_proj.weight"].shape == (48, 32)
+    assert states[1]["model.layers.0.mlp.gate.weight"].shape == (4, 48)
+    with torch.no_grad():
+        expected = model(TOKENS).logits
+    assert max_rel_err(_logits(tmp_path / "tp1" / "ckpt"), expected) < 1e-5
+
+
+def test_moe_targets_that_cannot_apply_are_refused(tmp_path, calib):
+    hf = make_tiny_hf("mixtral", tmp_path / "hf")
+    hf_to_mcore(hf, tmp_path / "mc")
+    with pytest.raises(MinitronError, match=r"mixtral model has no dense MLP layers"):
+        run_prune(tmp_path / "mc", tmp_path / "out", PruneConfig(ffn_hidden_size=48), calib())
     assert not (tmp_path / "out").exists()

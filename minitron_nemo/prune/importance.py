@@ -118,9 +118,17 @@ class ImportanceCollector:
             self.channels[g] = [SampleAggregate(batch), SampleAggregate(batch)]
             self.cos_sum[g], self.cos_count[g] = 0.0, 0
             head_dim = attn.hidden_size_per_attention_head
+            if hasattr(layer.mlp, "linear_fc2"):  # a dense MLP (MoE layers: see local_scores)
+                self.handles.append(
+                    layer.mlp.linear_fc2.register_forward_pre_hook(partial(self._on_neurons, g))
+                )
+            else:
+                self.neurons[g] = None
+                self.ffn_local = layer.mlp.config.ffn_hidden_size // (
+                    parallel_state.get_tensor_model_parallel_world_size()
+                )
             self.handles += [
                 attn.linear_proj.register_forward_pre_hook(partial(self._on_heads, g, head_dim)),
-                layer.mlp.linear_fc2.register_forward_pre_hook(partial(self._on_neurons, g)),
                 layer.input_layernorm.register_forward_hook(partial(self._on_norm, g, 0)),
                 layer.pre_mlp_layernorm.register_forward_hook(partial(self._on_norm, g, 1)),
                 layer.register_forward_hook(partial(self._on_layer, g), with_kwargs=True),
@@ -163,7 +171,11 @@ class ImportanceCollector:
             g: {
                 "heads": self.heads[g].result(),
                 "taylor": self.taylor[g].result() if self.want_taylor else self.heads[g].result(),
-                "neurons": self.neurons[g].result(),
+                # An MoE layer has no dense MLP neurons: zeros keep the [L, ffn] layout (its
+                # routed experts keep their width; dense-ffn targets apply to dense layers).
+                "neurons": self.neurons[g].result()
+                if self.neurons[g] is not None
+                else torch.zeros(self.ffn_local),
                 "channels": self.channels[g][0].result() + self.channels[g][1].result(),
                 "bi": torch.tensor(1.0 - self.cos_sum[g] / max(self.cos_count[g], 1)),
             }

@@ -33,11 +33,14 @@ class Targets(Protocol):
 
 def target_arch(source: ModelArch, targets: Targets, tp: int = 1, pp: int = 1) -> ModelArch:
     """The pruned architecture; refuses impossible targets with one line before any work."""
-    if source.is_moe:
+    if (
+        source.is_moe
+        and targets.ffn_hidden_size is not None
+        and 0 not in source.moe_layer_pattern()
+    ):
         raise MinitronError(
-            f"prune: {source.family} is a Mixture-of-Experts model; pruning MoE models (experts, "
-            "expert width, and the dense axes around them) is not supported yet: convert, "
-            "distill, export and evaluate it without a prune stage"
+            f"prune.ffn_hidden_size: this {source.family} model has no dense MLP layers (every "
+            "layer is MoE); expert count and width are not prune axes yet"
         )
     sizes = {
         axis: getattr(targets, axis)
@@ -83,6 +86,11 @@ def target_arch(source: ModelArch, targets: Targets, tp: int = 1, pp: int = 1) -
         num_attention_heads=sizes["num_attention_heads"],
         num_query_groups=sizes["num_query_groups"],
         num_layers=sizes["num_layers"],
+        # Which kept layers are MoE is known once the layers are chosen (prune/select.py);
+        # until then the first num_layers layers' kinds stand in.
+        moe_layers=[i for i in source.moe_layers if i < sizes["num_layers"]]
+        if source.moe_layers is not None
+        else None,
     )
     try:
         arch.check_parallel(tp, pp)
@@ -157,6 +165,8 @@ def plan_architecture(source: ModelArch, cfg: Targets, tp: int, pp: int) -> tupl
     """The target architecture (validated before any work) and how it was chosen; with
     `prune.search`, the largest candidate (the search itself picks among all of them)."""
     search = getattr(cfg, "search", None)
+    if search is not None and source.is_moe:
+        raise MinitronError(f"prune.search: not available for MoE models ({source.family}) yet")
     if search is not None:
         from minitron_nemo.prune.search_space import enumerate_candidates
 

@@ -47,6 +47,8 @@ def select(
     """
     per_group_src = source.num_attention_heads // source.num_query_groups
     per_group = arch.num_attention_heads // arch.num_query_groups
+    if source.is_moe:  # kept layers keep their kind: MoE layers renumbered after depth pruning
+        arch = arch.replace(moe_layers=[j for j, i in enumerate(layers) if source.is_moe_layer(i)])
     plan = PrunePlan(
         arch=arch,
         channels=_top(channels, arch.hidden_size),
@@ -57,7 +59,8 @@ def select(
         source_layers=source.num_layers,
     )
     for i in layers:
-        plan.neurons[i] = _top(neurons[i], arch.ffn_hidden_size)
+        if not source.is_moe_layer(i):
+            plan.neurons[i] = _top(neurons[i], arch.ffn_hidden_size)
         head_scores = heads[i].view(source.num_query_groups, per_group_src)
         plan.groups[i] = _top(head_scores.norm(dim=1), arch.num_query_groups)
         kept = []

@@ -21,6 +21,7 @@ from minitron_nemo import atomic, checkpoint
 from minitron_nemo.convert import transforms
 from minitron_nemo.models.arch import ModelArch
 from minitron_nemo.models.families import family_by_name
+from minitron_nemo.models.families.base import layer_items
 from minitron_nemo.prune.select import PrunePlan
 from minitron_nemo.prune.slice import slice_global, slice_layer
 from minitron_nemo.runtime.launch import run_on_ranks
@@ -45,12 +46,15 @@ class PrunedTensors:
 
     def _source_hf(self, layer: int | None) -> dict[str, torch.Tensor]:
         """Source HF tensors of one layer (or of the whole-model rules), one load."""
-        rules = [r for r in self.rules if r.per_layer == (layer is not None)]
-        loaded = self.reader.read([r.mcore_name(layer) for r in rules])
+        if layer is None:
+            items = [(r, None) for r in self.rules if not r.per_layer]
+        else:
+            items = layer_items(self.rules, self.source, layer)
+        loaded = self.reader.read([r.mcore_name(layer, e) for r, e in items])
         out = {}
-        for rule in rules:
-            hf = transforms.mcore_to_hf(rule, loaded[rule.mcore_name(layer)], self.source)
-            out.update(zip(rule.hf_names(layer), hf, strict=True))
+        for rule, e in items:
+            hf = transforms.mcore_to_hf(rule, loaded[rule.mcore_name(layer, e)], self.source)
+            out.update(zip(rule.hf_names(layer, e), hf, strict=True))
         return out
 
     def get(self, name: str) -> torch.Tensor:

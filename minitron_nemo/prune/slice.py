@@ -80,7 +80,7 @@ def slice_layer(
     ch = plan.channels
     per_group_new = plan.arch.num_attention_heads // plan.arch.num_query_groups
     src, dst = f"model.layers.{i}.", f"model.layers.{j}."
-    heads, groups, neurons = plan.heads[i], plan.groups[i], plan.neurons[i]
+    heads, groups, neurons = plan.heads[i], plan.groups[i], plan.neurons.get(i)
     out: dict[str, torch.Tensor] = {}
     for norm in ("input_layernorm", "post_attention_layernorm"):
         out[dst + norm + ".weight"] = _rows(state[src + norm + ".weight"], ch)
@@ -110,6 +110,9 @@ def slice_layer(
             out[dst + f"self_attn.{norm}.weight"] = state[src + f"self_attn.{norm}.weight"]
     o = _rows(state[src + "self_attn.o_proj.weight"], ch)
     out[dst + "self_attn.o_proj.weight"] = _cols(o, [h * d + j2 for h in heads for j2 in range(d)])
+    if source.is_moe_layer(i):
+        out.update(_slice_moe_layer(state, src, dst, ch))
+        return {k: v.contiguous() for k, v in out.items()}
     for name in ("gate_proj", "up_proj"):
         out[dst + f"mlp.{name}.weight"] = _cols(
             _rows(state[src + f"mlp.{name}.weight"], neurons), ch
@@ -118,6 +121,32 @@ def slice_layer(
         _rows(state[src + "mlp.down_proj.weight"], ch), neurons
     )
     return {k: v.contiguous() for k, v in out.items()}
+
+
+# The MoE block of a layer in HF names (Qwen-MoE `mlp.`, Mixtral `block_sparse_moe.`): tensors
+# that read the hidden state (router, experts' gate / up, shared expert's gate / up and its
+# sigmoid gate) lose columns, those that write it (down projections) lose rows.
+_MOE_PREFIXES = ("mlp.", "block_sparse_moe.")
+_READS_HIDDEN = ("gate_proj.weight", "up_proj.weight", "w1.weight", "w3.weight", "gate.weight")
+_WRITES_HIDDEN = ("down_proj.weight", "w2.weight")
+
+
+def _slice_moe_layer(
+    state: dict[str, torch.Tensor], src: str, dst: str, ch: list[int]
+) -> dict[str, torch.Tensor]:
+    """An MoE layer's router, experts and shared expert sliced to the kept channels."""
+    out = {}
+    for name, tensor in state.items():
+        rest = name[len(src) :]
+        if not name.startswith(src) or not rest.startswith(_MOE_PREFIXES):
+            continue
+        if rest.endswith(_READS_HIDDEN):
+            out[dst + rest] = _cols(tensor, ch)
+        elif rest.endswith(_WRITES_HIDDEN):
+            out[dst + rest] = _rows(tensor, ch)
+        else:
+            raise ValueError(f"{name}: no slicing rule for this MoE tensor")
+    return out
 
 
 def slice_state_dict(
