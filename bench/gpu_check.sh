@@ -2,8 +2,11 @@
 # Every GPU check in one command, on a GPU machine with torch + transformers and no network.
 #   here:   bash bench/make_wheelhouse.sh          (wheelhouse/, <= 60 MB, carried to the GPU)
 #   there:  bash bench/gpu_check.sh [OUT_DIR]      (about 8 minutes on one H100 / H200)
-# 1. parity fp32 / bf16, local SDPA spec and TE spec (when TE imports)  -> tests/gpu
-# 2. a few distillation steps: bf16, distributed optimizer, TE spec if importable, resume
+# 1. parity fp32 / bf16, local SDPA spec and TE spec (when TE imports), Llama, Qwen3 and two
+#    MoE families (TEGroupedMLP + alltoall under TE); grouped experts save the sequential
+#    format  -> tests/gpu
+# 2. a few distillation steps: bf16, distributed optimizer, TE spec if importable, resume; an
+#    MoE student with its router loss
 # 3. FP8 (hybrid) student steps when TE imports
 # 4. bench/kd_throughput.py vs a plain HF KD loop, random weights, bf16:
 #    1.2B -> 0.74B at seq 2048 x 4, and Llama-3.1-8B -> 4.5B width at seq 4096 x 2
@@ -21,7 +24,7 @@ PY=.gpu-venv/bin/python
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import torch, megatron.core, importlib.util as u; print('torch', torch.__version__, 'mcore', megatron.core.__version__, 'TE', u.find_spec('transformer_engine') is not None)" | tee -a "$OUT/gpu.txt"
 
-timeout 300 $PY -m pytest -q -rA -m gpu tests/gpu 2>&1 | tee "$OUT/pytest.txt" | tail -30
+timeout 480 $PY -m pytest -q -rA -m gpu tests/gpu 2>&1 | tee "$OUT/pytest.txt" | tail -30
 for shape in "1.2b --seq 2048 --mbs 4" "8b --seq 4096 --mbs 2"; do
   set -- $shape
   timeout 420 $PY bench/kd_throughput.py --shape $shape --dtype bf16 --steps 5 \

@@ -49,6 +49,22 @@ def test_bf16_steps_with_distributed_optimizer_and_resume(models, tmp_path):
           "MFU", metrics[-1].get("mfu"), "GiB", metrics[-1]["peak_memory_gib"])  # fmt: skip
 
 
+def test_moe_bf16_steps_with_router_loss(tmp_path):
+    """A Qwen3-MoE student (TEGroupedMLP experts when TE imports, alltoall dispatcher) distilled
+    from a Qwen3-MoE teacher in bf16: finite losses and a logged router load-balancing loss."""
+    make_tiny_hf("qwen3_moe_nonorm", tmp_path / "teacher_hf", seed=1)
+    hf_to_mcore(tmp_path / "teacher_hf", tmp_path / "teacher", dtype="bf16")
+    make_tiny_hf("qwen3_moe", tmp_path / "student_hf", seed=2, num_hidden_layers=2)
+    hf_to_mcore(tmp_path / "student_hf", tmp_path / "student", dtype="bf16")
+    data = token_data_spec(tmp_path / "data", random_documents(60, 33), seq_length=32)
+    train(tmp_path / "student", tmp_path / "run", _cfg(), data, tmp_path / "teacher")
+    metrics = read_metrics(tmp_path / "run")
+    assert len(metrics) == 4 and all(math.isfinite(m["loss"]) for m in metrics)
+    assert all(m["loss_moe_aux"] > 0 for m in metrics)
+    print("moe bf16 distill losses:", [round(m["loss"], 4) for m in metrics],
+          "router loss", [round(m["loss_moe_aux"], 4) for m in metrics])  # fmt: skip
+
+
 @pytest.mark.skipif(not HAVE_TE, reason="TransformerEngine not installed")
 def test_fp8_student_steps(models, tmp_path):
     root, data = models
