@@ -179,11 +179,13 @@ def make_tiny_tokenizer(out: Path, text: str, vocab_size: int = 200):
     return fast
 
 
-def make_tiny_teacher_with_tokenizer(out: Path, text: str, seed: int = 0) -> Path:
-    """Tiny random Llama + a BPE tokenizer trained on `text`, in one HF directory."""
+def make_tiny_teacher_with_tokenizer(
+    out: Path, text: str, seed: int = 0, family: str = "llama"
+) -> Path:
+    """Tiny random model of `family` + a BPE tokenizer trained on `text`, in one HF directory."""
     tokenizer = make_tiny_tokenizer(out, text)
     make_tiny_hf(
-        "llama",
+        family,
         out,
         seed=seed,
         vocab_size=len(tokenizer),

@@ -248,3 +248,35 @@ def read_metrics_keys(out: Path) -> set[str]:
     from minitron_nemo.metrics import read_metrics
 
     return {k for m in read_metrics(out) for k in m}
+
+
+@pytest.mark.dist
+def test_minitron_run_on_an_moe_teacher(tmp_path):
+    """`minitron run` on a Qwen2-MoE teacher (shared expert, one dense layer): prune in hidden,
+    heads and depth, distill at DP=2 / EP=2 with the router loss, export, held-out loss and
+    lm-eval on the exported MoE, report."""
+    import json
+
+    from minitron_nemo.config import load_config
+    from minitron_nemo.stages import Pipeline
+    from tests.helpers import make_tiny_teacher_with_tokenizer, synthetic_text
+    from tests.test_pipeline import tiny_overrides
+
+    text = synthetic_text()
+    (tmp_path / "corpus.txt").write_text(text)
+    make_tiny_teacher_with_tokenizer(tmp_path / "teacher_hf", text, family="qwen2_moe")
+    overrides = tiny_overrides(tmp_path, tmp_path / "run")  # ffn 64 prunes the dense layer
+    overrides += ["prune.num_layers=3", "parallel.dp=2", "parallel.ep=2", "scratch=false"]
+    Pipeline(load_config(REPO / "recipes/smollm2_135m_cpu.yaml", overrides)).run()
+    run = tmp_path / "run"
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert set(results) >= {"teacher", "pruned (no training)", "distilled"}
+    assert results["distilled"]["params"] < results["teacher"]["params"]
+    assert 0 <= results["distilled"]["tasks"]["arc_easy"]["acc"] <= 1
+    from minitron_nemo.metrics import read_metrics
+
+    assert all(m["loss_moe_aux"] > 0 for m in read_metrics(run / "distill"))
+    config = json.loads((run / "export" / "student" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2MoeForCausalLM"] and config["num_hidden_layers"] == 3
+    assert (config["num_experts"], config["shared_expert_intermediate_size"]) == (4, 48)
+    assert (run / "report" / "report.md").is_file()
