@@ -206,6 +206,18 @@ class PruneConfig:
     num_query_groups: int | None = None
     num_layers: int | None = None
     drop_layers: list[int] | None = None
+    num_moe_experts: int | None = None
+    """MoE models: routed experts kept in every MoE layer (each layer keeps its own most
+    important ones, by `expert_score`; the router's rows follow). Must stay >= the top-k."""
+    moe_ffn_hidden_size: int | None = None
+    """MoE models: width of every routed expert (each expert keeps its own best neurons)."""
+    moe_shared_expert_intermediate_size: int | None = None
+    """MoE models with a shared expert: its width."""
+    expert_score: Literal["reap", "taylor", "frequency", "router_mass"] = "reap"
+    """How routed experts are ranked: reap (mean gate-weighted output norm over the tokens
+    routed to the expert), taylor (first-order loss change when the expert's output is removed;
+    needs head_score taylor, which runs the backward pass), frequency (how often the router
+    picks it) or router_mass (its summed gate values)."""
     target_params: int | None = None
     """Parameter budget; the architecture is searched along `search_axes`."""
     search_axes: list[SearchAxis] = field(
@@ -238,12 +250,18 @@ class PruneConfig:
         _check_choices(self, "prune")
         _positive(self, "prune", "micro_batch_size")
         _positive(self, "prune", "depth_eval_samples", allow_zero=True)
+        if self.expert_score == "taylor" and self.head_score != "taylor":
+            raise MinitronError(
+                "prune.expert_score taylor needs prune.head_score taylor (its backward pass)"
+            )
         if self.target_params is not None and not self.search_axes:
             raise MinitronError("prune.search_axes: expected at least one axis to search")
         if self.search is not None:
             fixed = [n for n in ("hidden_size", "ffn_hidden_size", "num_attention_heads",
                                  "num_query_groups", "num_layers", "drop_layers",
-                                 "target_params") if getattr(self, n) is not None]  # fmt: skip
+                                 "target_params", "num_moe_experts", "moe_ffn_hidden_size",
+                                 "moe_shared_expert_intermediate_size")
+                     if getattr(self, n) is not None]  # fmt: skip
             if fixed:
                 raise MinitronError(
                     f"prune.search chooses the architecture: remove prune.{fixed[0]}"

@@ -280,3 +280,110 @@ def test_minitron_run_on_an_moe_teacher(tmp_path):
     assert config["architectures"] == ["Qwen2MoeForCausalLM"] and config["num_hidden_layers"] == 3
     assert (config["num_experts"], config["shared_expert_intermediate_size"]) == (4, 48)
     assert (run / "report" / "report.md").is_file()
+
+
+# -- expert pruning ----------------------------------------------------------------------
+FREQUENT_IDLE, RARE_STRONG = 0, 1
+
+
+MOE_LAYERS = (0, 1)  # layers 2 and 3 are dense MLPs
+
+
+def _plant_experts(hf_dir: Path) -> None:
+    """In every MoE layer: expert 0 picked for nearly every token but its output scaled to ~0;
+    expert 1 rarely picked (measured: 2-6% of the tokens), its output x20 (it matters whenever
+    it is picked). Routing is steered through a residual channel held positive for every token
+    (embedding channel 0 set to 0.5): the router row of expert 0 reads it (+1); that of expert
+    1 reads only it (-0.2), so expert 1 takes the second slot only when both other experts
+    score below it."""
+    from safetensors.torch import load_file, save_file
+
+    path = hf_dir / "model.safetensors"
+    state = load_file(path)
+    state["model.embed_tokens.weight"][:, 0] = 0.5
+    for layer in MOE_LAYERS:
+        mlp = f"model.layers.{layer}.mlp."
+        state[mlp + "gate.weight"][:, 0] = 0.0
+        state[mlp + "gate.weight"][FREQUENT_IDLE, 0] = 1.0
+        state[mlp + "gate.weight"][RARE_STRONG] = 0.0
+        state[mlp + "gate.weight"][RARE_STRONG, 0] = -0.2
+        state[mlp + f"experts.{FREQUENT_IDLE}.down_proj.weight"] *= 1e-4
+        state[mlp + f"experts.{RARE_STRONG}.down_proj.weight"] *= 20
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def planted_moe(tmp_path_factory):
+    from minitron_nemo.prune.stage import run_prune  # noqa: F401  (import before the fixture)
+    from tests.helpers import random_documents, token_data_spec
+
+    root = tmp_path_factory.mktemp("planted_moe")
+    docs = random_documents(40, 33, seed=4)
+    data = token_data_spec(root / "data", docs, seq_length=32, calibration_samples=24)
+    hf = make_tiny_hf("qwen3_moe", root / "hf", seed=7, mlp_only_layers=[2, 3])
+    _plant_experts(hf)
+    hf_to_mcore(hf, root / "mc")
+    return root, data
+
+
+def test_planted_experts_default_keeps_the_rare_strong_one(planted_moe, tmp_path):
+    """Expert pruning 4 -> 2 per layer: frequency keeps the busy expert that does nothing and
+    drops the rarely picked one that matters; the default (reap) does the opposite. The pruned
+    megatron model's logits equal a transformers model sliced by hand to the kept experts."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from minitron_nemo.config import PruneConfig
+    from minitron_nemo.prune.stage import run_prune
+
+    root, data = planted_moe
+    reports = {}
+    for score in ("frequency", "reap", "taylor", "router_mass"):
+        cfg = PruneConfig(num_moe_experts=2, expert_score=score, depth_scores=False,
+                          depth_eval_samples=4, micro_batch_size=4,
+                          importance=str(tmp_path / "frequency" / "importance.pt")
+                          if score != "frequency" else None)  # fmt: skip
+        reports[score] = run_prune(root / "mc", tmp_path / score, cfg, data)
+    imp = torch.load(tmp_path / "frequency" / "importance.pt", weights_only=False)
+    assert sorted(imp["experts"]) == list(MOE_LAYERS)
+    for layer in MOE_LAYERS:
+        freq = imp["experts"][layer]["frequency"]
+        assert freq[FREQUENT_IDLE] > 0.9 and freq[RARE_STRONG] < 0.2, (layer, freq)
+        assert reports["frequency"]["kept_experts"][str(layer)][0] == FREQUENT_IDLE
+        assert RARE_STRONG not in reports["frequency"]["kept_experts"][str(layer)]
+        for score in ("reap", "taylor"):
+            kept = reports[score]["kept_experts"][str(layer)]
+            assert RARE_STRONG in kept and FREQUENT_IDLE not in kept, (score, layer, kept)
+
+    # transformers, sliced by hand: router rows and experts renumbered, nothing else touched
+    state = load_file(root / "hf" / "model.safetensors")
+    sliced = {
+        k: v for k, v in state.items() if not any(f"layers.{i}.mlp." in k for i in MOE_LAYERS)
+    }
+    for layer in MOE_LAYERS:
+        mlp = f"model.layers.{layer}.mlp."
+        kept = reports["reap"]["kept_experts"][str(layer)]
+        sliced[mlp + "gate.weight"] = state[mlp + "gate.weight"][kept].clone()
+        for j, e in enumerate(kept):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                sliced[mlp + f"experts.{j}.{proj}.weight"] = state[
+                    mlp + f"experts.{e}.{proj}.weight"
+                ]
+    hand = tmp_path / "hand"
+    hand.mkdir()
+    save_file(sliced, str(hand / "model.safetensors"), metadata={"format": "pt"})
+    config = AutoConfig.from_pretrained(root / "hf")
+    config.num_experts = 2
+    config.save_pretrained(hand)
+    tokens = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(hand).eval()(tokens).logits
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "reap" / "hf").eval()
+        assert max_rel_err(exported(tokens).logits, expected) < 1e-5
+    from tests.test_prune import _logits_of
+
+    assert max_rel_err(_logits_of(tmp_path / "reap" / "ckpt", tokens), expected) < 1e-5
+    # top-2 of 2 instead of 4: a token goes through as many expert weights, the router lost rows
+    active = reports["reap"]["active_params_before"] - reports["reap"]["active_params_after"]
+    assert active == len(MOE_LAYERS) * 2 * 64
+    assert (tmp_path / "reap" / "plots" / "experts.png").stat().st_size > 1000

@@ -43,9 +43,13 @@ def _state(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _logits(ckpt: Path) -> torch.Tensor:
+    return _logits_of(ckpt, TOKENS)
+
+
+def _logits_of(ckpt: Path, tokens: torch.Tensor) -> torch.Tensor:
     with distributed.initialize(tp=1, pp=1):
         model, arch = load_model(ckpt)
-        return forward_logits(model, TOKENS)[..., : arch.vocab_size]
+        return forward_logits(model, tokens)[..., : arch.vocab_size]
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 
+from minitron_nemo.prune.expert_importance import ExpertCollector, join_tp
+
 
 def reduce_sequence(mag_sbn: torch.Tensor, how: str) -> torch.Tensor:
     """[s, b, n] per-token magnitudes -> [b, n] per sample."""
@@ -89,6 +91,9 @@ class Importance:
     head_score: str = "activation"
     heads_activation: torch.Tensor | None = None  # [L, num_attention_heads]
     heads_taylor: torch.Tensor | None = None  # [L, num_attention_heads] (head_score taylor)
+    experts: dict[int, dict[str, torch.Tensor]] | None = None
+    """Per MoE layer: expert scores [E] (prune/expert_importance.py), `neurons` [E, I] and
+    `shared_neurons` [I_shared]."""
 
     def to_state(self) -> dict:
         return dict(self.__dict__)
@@ -109,6 +114,7 @@ class ImportanceCollector:
         self.cos_sum: dict[int, float] = {}
         self.cos_count: dict[int, int] = {}
         self.handles = []
+        self.experts = ExpertCollector(model, taylor, seq, batch)
         for layer in model.decoder.layers:
             g = layer.layer_number - 1
             attn = layer.self_attention
@@ -165,8 +171,10 @@ class ImportanceCollector:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+        self.experts.remove()
 
     def local_scores(self) -> dict[int, dict[str, torch.Tensor]]:
+        experts = self.experts.local_scores()
         return {
             g: {
                 "heads": self.heads[g].result(),
@@ -178,6 +186,7 @@ class ImportanceCollector:
                 else torch.zeros(self.ffn_local),
                 "channels": self.channels[g][0].result() + self.channels[g][1].result(),
                 "bi": torch.tensor(1.0 - self.cos_sum[g] / max(self.cos_count[g], 1)),
+                **({"experts": experts[g]} if g in experts else {}),
             }
             for g in self.heads
         }
@@ -202,14 +211,17 @@ def gather_scores(
     out: dict[str, list[torch.Tensor]] = {
         "heads": [], "taylor": [], "neurons": [], "channels": [], "bi": []
     }  # fmt: skip
+    experts = {}
     for g in range(num_layers):
         shards = [by_layer[g][r] for r in sorted(by_layer[g])]
+        if "experts" in shards[0]:
+            experts[g] = join_tp([s["experts"] for s in shards])
         out["heads"].append(torch.cat([s["heads"] for s in shards]))
         out["taylor"].append(torch.cat([s["taylor"] for s in shards]))
         out["neurons"].append(torch.cat([s["neurons"] for s in shards]))
         out["channels"].append(shards[0]["channels"])  # replicated across TP
         out["bi"].append(shards[0]["bi"])
-    return {k: torch.stack(v) for k, v in out.items()}
+    return {**{k: torch.stack(v) for k, v in out.items()}, "experts": experts or None}
 
 
 def collect_importance(
@@ -250,6 +262,7 @@ def collect_importance(
         head_score=head_score,
         heads_activation=scores["heads"],
         heads_taylor=scores["taylor"] if taylor else None,
+        experts=scores["experts"],
         neurons=scores["neurons"],
         channels=scores["channels"].sum(0),
         channels_per_layer=scores["channels"],

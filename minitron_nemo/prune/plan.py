@@ -29,6 +29,9 @@ class Targets(Protocol):
     drop_layers: list[int] | None
     target_params: int | None
     search_axes: list[str]
+    num_moe_experts: int | None
+    moe_ffn_hidden_size: int | None
+    moe_shared_expert_intermediate_size: int | None
 
 
 def target_arch(source: ModelArch, targets: Targets, tp: int = 1, pp: int = 1) -> ModelArch:
@@ -92,12 +95,49 @@ def target_arch(source: ModelArch, targets: Targets, tp: int = 1, pp: int = 1) -
         if source.moe_layers is not None
         else None,
     )
+    arch = arch.replace(**_moe_sizes(source, targets))
     try:
         arch.check_parallel(tp, pp)
         family_by_name(arch.family).check_exportable(arch)
     except MinitronError as exc:
         raise MinitronError(f"prune target: {exc}") from None
     return arch
+
+
+# prune target -> ModelArch field of the MoE axes
+MOE_AXES = {
+    "num_moe_experts": "num_experts",
+    "moe_ffn_hidden_size": "moe_ffn_hidden_size",
+    "moe_shared_expert_intermediate_size": "moe_shared_expert_size",
+}
+
+
+def _moe_sizes(source: ModelArch, targets: Targets) -> dict[str, int]:
+    """The pruned model's expert count / width / shared-expert width (checked)."""
+    out = {}
+    for axis, field in MOE_AXES.items():
+        value = getattr(targets, axis, None)
+        if value is None:
+            continue
+        if not source.is_moe or (
+            field == "moe_shared_expert_size" and not source.moe_shared_expert_size
+        ):
+            what = "an MoE model" if field != "moe_shared_expert_size" else "a shared expert"
+            raise MinitronError(f"prune.{axis}: needs {what} ({source.family} has none)")
+        if not isinstance(value, int) or value <= 0:
+            raise MinitronError(f"prune.{axis}: expected a positive integer, got {value!r}")
+        if value > getattr(source, field):
+            raise MinitronError(
+                f"prune.{axis} = {value} is larger than the source's {getattr(source, field)}"
+            )
+        out[field] = value
+    experts = out.get("num_experts", source.num_experts)
+    if source.is_moe and experts < source.moe_router_topk:
+        raise MinitronError(
+            f"prune.num_moe_experts = {experts} is smaller than the router's top-k "
+            f"({source.moe_router_topk}): every token must still find its k experts"
+        )
+    return out
 
 
 def _axis_candidates(source: ModelArch, axis: str, tp: int) -> list[int]:

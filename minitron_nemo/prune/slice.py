@@ -10,6 +10,8 @@ Shapes: n = heads, g = groups, d = head dim, h = hidden.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from minitron_nemo.models.arch import ModelArch
@@ -111,7 +113,7 @@ def slice_layer(
     o = _rows(state[src + "self_attn.o_proj.weight"], ch)
     out[dst + "self_attn.o_proj.weight"] = _cols(o, [h * d + j2 for h in heads for j2 in range(d)])
     if source.is_moe_layer(i):
-        out.update(_slice_moe_layer(state, src, dst, ch))
+        out.update(_slice_moe_layer(state, src, dst, plan, i))
         return {k: v.contiguous() for k, v in out.items()}
     for name in ("gate_proj", "up_proj"):
         out[dst + f"mlp.{name}.weight"] = _cols(
@@ -123,42 +125,50 @@ def slice_layer(
     return {k: v.contiguous() for k, v in out.items()}
 
 
-# The MoE block of a layer in HF names (Qwen-MoE `mlp.`, Mixtral `block_sparse_moe.`): tensors
-# that read the hidden state (router, experts' gate / up, shared expert's gate / up and its
-# sigmoid gate) lose columns, those that write it (down projections) lose rows.
-_MOE_PREFIXES = ("mlp.", "block_sparse_moe.")
-_READS_HIDDEN = ("gate_proj.weight", "up_proj.weight", "w1.weight", "w3.weight", "gate.weight")
+# The MoE block of a layer in HF names (Qwen-MoE `mlp.`, Mixtral `block_sparse_moe.`): the router
+# (`gate.weight` [E, h]) keeps the kept experts' rows; expert e's `gate_proj` / `up_proj` (`w1` /
+# `w3`) [I, h] and `down_proj` (`w2`) [h, I] keep its kept neurons and the kept channels, and
+# expert e becomes expert j (its rank among the kept ones); the shared expert likewise with its
+# own neurons; its sigmoid gate [1, h] keeps the kept channels.
+_MOE_BLOCK = re.compile(
+    r"^(?P<block>mlp|block_sparse_moe)\.(?:experts\.(?P<e>\d+)\.|(?P<shared>shared_expert)\.)?"
+    r"(?P<name>.+)$"
+)
+_READS_HIDDEN = ("gate_proj.weight", "up_proj.weight", "w1.weight", "w3.weight")
 _WRITES_HIDDEN = ("down_proj.weight", "w2.weight")
 
 
 def _slice_moe_layer(
-    state: dict[str, torch.Tensor], src: str, dst: str, ch: list[int]
+    state: dict[str, torch.Tensor], src: str, dst: str, plan: PrunePlan, i: int
 ) -> dict[str, torch.Tensor]:
-    """An MoE layer's router, experts and shared expert sliced to the kept channels."""
+    """An MoE layer's router, kept experts and shared expert, sliced to the kept units."""
+    ch = plan.channels
+    kept = {e: j for j, e in enumerate(plan.experts[i])}
     out = {}
     for name, tensor in state.items():
-        rest = name[len(src) :]
-        if not name.startswith(src) or not rest.startswith(_MOE_PREFIXES):
+        m = _MOE_BLOCK.match(name[len(src) :]) if name.startswith(src) else None
+        if m is None:
             continue
-        if rest.endswith(_READS_HIDDEN):
-            out[dst + rest] = _cols(tensor, ch)
-        elif rest.endswith(_WRITES_HIDDEN):
-            out[dst + rest] = _rows(tensor, ch)
+        block, rest = m.group("block"), m.group("name")
+        if m.group("e") is not None:  # a routed expert
+            e = int(m.group("e"))
+            if e not in kept:
+                continue
+            units, new = plan.expert_neurons[i][e], f"{block}.experts.{kept[e]}.{rest}"
+        elif m.group("shared"):
+            units, new = plan.shared_neurons[i], f"{block}.shared_expert.{rest}"
+        elif rest == "gate.weight":  # the router
+            out[dst + f"{block}.gate.weight"] = _cols(_rows(tensor, plan.experts[i]), ch)
+            continue
+        elif rest == "shared_expert_gate.weight":
+            out[dst + f"{block}.{rest}"] = _cols(tensor, ch)
+            continue
         else:
             raise ValueError(f"{name}: no slicing rule for this MoE tensor")
-    return out
-
-
-def slice_state_dict(
-    state: dict[str, torch.Tensor],
-    source: ModelArch,
-    plan: PrunePlan,
-    head_scores: torch.Tensor | None = None,
-    merge_heads: bool = False,
-) -> dict[str, torch.Tensor]:
-    """The pruned model's HF state dict (new layer j comes from source layer plan.layers[j]);
-    for models held in memory (studies). The prune stage slices layer by layer on the shards."""
-    out = slice_global(state, source, plan)
-    for j, i in enumerate(plan.layers):
-        out.update(slice_layer(state, i, j, source, plan, head_scores, merge_heads))
+        if rest.endswith(_READS_HIDDEN):
+            out[dst + new] = _cols(_rows(tensor, units), ch)
+        elif rest.endswith(_WRITES_HIDDEN):
+            out[dst + new] = _cols(_rows(tensor, ch), units)
+        else:
+            raise ValueError(f"{name}: no slicing rule for this MoE tensor")
     return out

@@ -242,7 +242,8 @@ def run_prune(
             how = {**how, "search": found}
             arch = ModelArch.load(Path(found["chosen_dir"]) / "ckpt" / "arch.yaml")
         layers = choose_layers(source, arch, cfg, imp)
-        plan = select(source, arch, imp["heads"], imp["neurons"], imp["channels"], layers)
+        plan = select(source, arch, imp["heads"], imp["neurons"], imp["channels"], layers,
+                      imp.get("experts"), cfg.expert_score)  # fmt: skip
         if cfg.search is not None:  # the winner's checkpoint, as sliced for the search
             shutil.copytree(Path(found["chosen_dir"]) / "ckpt", tmp / "ckpt")
         else:
@@ -254,6 +255,19 @@ def run_prune(
         report = _report(source, plan, imp, cfg, how, tmp, time.time() - started)
     log.info("pruned %s -> %s", ckpt, out)
     return report
+
+
+def _expert_report(source: ModelArch, plan: PrunePlan, imp: dict, cfg: PruneConfig) -> dict:
+    """The MoE part of the prune report: which score ranked the experts, the experts each layer
+    kept, total and active parameters (active: per token, model-card convention)."""
+    if not source.is_moe:
+        return {}
+    return {
+        "expert_score": cfg.expert_score,
+        "kept_experts": {str(i): plan.experts[i] for i in sorted(plan.experts)},
+        "active_params_before": source.num_parameters(active=True),
+        "active_params_after": plan.arch.num_parameters(active=True),
+    }
 
 
 def _report(
@@ -300,6 +314,7 @@ def _report(
         "layer_skip_loss": [float(x) for x in skip] if skip is not None else None,
         "block_loss": {str(kk): v for kk, v in blocks.items()},
         "merge_pruned_heads": cfg.merge_pruned_heads,
+        **_expert_report(source, plan, imp, cfg),
         "seconds": seconds,
         **how,
         "config": asdict(cfg),
@@ -325,6 +340,15 @@ def _report(
         plot_dir / "depth.png",
     )
     plots.param_counts(param_summary(source), param_summary(plan.arch), plot_dir / "params.png")
+    if imp.get("experts"):
+        layers = sorted(imp["experts"])
+        score = cfg.expert_score if cfg.expert_score in imp["experts"][layers[0]] else "reap"
+        plots.heatmap(
+            torch.stack([imp["experts"][i][score] for i in layers]),
+            f"routed expert importance ({score}; rows: MoE layers {layers[0]}..{layers[-1]})",
+            "expert",
+            plot_dir / "experts.png",
+        )
     found = how.get("search")
     if found:
         plots.curves(
