@@ -372,11 +372,12 @@ def test_qwen3_prunes_on_every_axis_and_loads_in_transformers(tmp_path, calib):
 
 
 @pytest.mark.dist
-def test_moe_prunes_hidden_heads_and_depth_at_tp1_and_tp2(tmp_path, calib):
+def test_moe_prunes_every_axis_at_tp1_and_tp2(tmp_path, calib):
     """Qwen2-MoE (shared expert with its gate, layer 1 a dense MLP) pruned in hidden, heads,
-    dense ffn and depth: the router's and every expert's hidden axis follow, the kept layers
-    keep their kind, transformers loads the export with the pruned checkpoint's logits, and
-    TP=2 gives bitwise the same pruned weights as TP=1."""
+    dense ffn, depth, expert count (4 -> 3), expert width (32 -> 16) and shared-expert width
+    (48 -> 24): the router and every expert follow, the kept layers keep their kind,
+    transformers loads the export with the pruned checkpoint's logits, and TP=2 (experts split
+    over expert-TP) gives bitwise the same pruned weights as TP=1."""
     from transformers import AutoModelForCausalLM
 
     hf = make_tiny_hf("qwen2_moe", tmp_path / "hf", seed=6)
@@ -386,6 +387,9 @@ def test_moe_prunes_hidden_heads_and_depth_at_tp1_and_tp2(tmp_path, calib):
         ffn_hidden_size=64,
         num_attention_heads=2,
         num_layers=3,
+        num_moe_experts=3,
+        moe_ffn_hidden_size=16,
+        moe_shared_expert_intermediate_size=24,
         depth_method="block_importance",
         depth_scores=False,
         depth_eval_samples=4,
@@ -400,8 +404,10 @@ def test_moe_prunes_hidden_heads_and_depth_at_tp1_and_tp2(tmp_path, calib):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "tp1" / "hf").eval()
     moe_kept = [j for j, i in enumerate(report["kept_layers"]) if i != 1]
     assert model.config.mlp_only_layers == [j for j in range(3) if j not in moe_kept]
-    assert states[1]["model.layers.0.mlp.experts.3.down_proj.weight"].shape == (48, 32)
-    assert states[1]["model.layers.0.mlp.gate.weight"].shape == (4, 48)
+    assert states[1]["model.layers.0.mlp.experts.2.down_proj.weight"].shape == (48, 16)
+    assert "model.layers.0.mlp.experts.3.down_proj.weight" not in states[1]
+    assert states[1]["model.layers.0.mlp.gate.weight"].shape == (3, 48)
+    assert states[1]["model.layers.0.mlp.shared_expert.up_proj.weight"].shape == (24, 48)
     with torch.no_grad():
         expected = model(TOKENS).logits
     assert max_rel_err(_logits(tmp_path / "tp1" / "ckpt"), expected) < 1e-5
