@@ -145,6 +145,7 @@ def transformer_config(
         # in TE's fp8 autocast when `fp8` is set.
         fp8=fp8,
         **recompute_kwargs,
+        # fused_kernels is set exactly when the TE spec runs on a GPU: grouped-GEMM experts then.
         **moe_config_kwargs(arch, use_te=fused_kernels, aux_loss_coeff=moe_aux_loss_coeff),
     )
 
