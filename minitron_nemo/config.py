@@ -490,7 +490,7 @@ def teacher_arch(cfg: RunConfig):
 
 def check_against_teacher(cfg: RunConfig) -> None:
     """TP / PP and the prune targets against the teacher's architecture (when known)."""
-    from minitron_nemo.prune.plan import plan_architecture
+    from minitron_nemo.prune.search_space import plan_architecture
 
     arch = teacher_arch(cfg)
     if arch is None:

@@ -193,3 +193,14 @@ class CheckpointManager:
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
         return json.loads((step_dir / "train_state.json").read_text())
+
+
+def async_save_available() -> bool:
+    """megatron's async dist-checkpoint save: a GPU and nvidia-resiliency-ext (NGC images)."""
+    import importlib.util
+
+    import torch
+
+    return (
+        torch.cuda.is_available() and importlib.util.find_spec("nvidia_resiliency_ext") is not None
+    )

@@ -19,20 +19,10 @@ from pathlib import Path
 from minitron_nemo import atomic, checkpoint
 from minitron_nemo.config import DistillConfig
 from minitron_nemo.data.datasets import DataSpec
+from minitron_nemo.distill.checkpoints import async_save_available
 from minitron_nemo.errors import MinitronError, Stopped
 from minitron_nemo.models.arch import ModelArch
 from minitron_nemo.runtime.launch import run_on_ranks
-
-
-def async_save_available() -> bool:
-    """megatron's async dist-checkpoint save: a GPU and nvidia-resiliency-ext (NGC images)."""
-    import importlib.util
-
-    import torch
-
-    return (
-        torch.cuda.is_available() and importlib.util.find_spec("nvidia_resiliency_ext") is not None
-    )
 
 
 def check_environment(cfg: DistillConfig) -> None:

@@ -29,11 +29,14 @@ import torch.distributed as dist
 from minitron_nemo import checkpoint
 from minitron_nemo.config import DistillConfig
 from minitron_nemo.data.datasets import DataSpec, step_sample_indices, train_reader
-from minitron_nemo.distill.checkpoints import CheckpointManager, latest_checkpoint
+from minitron_nemo.distill.checkpoints import (
+    CheckpointManager,
+    async_save_available,
+    latest_checkpoint,
+)
 from minitron_nemo.distill.monitor import TrainMonitor, forward_flops_per_token, peak_flops
 from minitron_nemo.distill.pair import KDPair, output_weight
 from minitron_nemo.distill.topk_loss import TeacherTopK
-from minitron_nemo.distill.train import async_save_available
 from minitron_nemo.distill.vocab_loss import chunked_vocab_losses
 from minitron_nemo.models.arch import ModelArch
 from minitron_nemo.runtime.preemption import StopRequest

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from minitron_nemo.prune.aggregate import SampleAggregate, reduce_sequence
+
 EXPERT_SCORES = ("taylor", "reap", "frequency", "router_mass")
 
 
@@ -35,8 +37,6 @@ class ExpertCollector:
     """Hooks on the MoE layers of this rank's shard; accumulates per-expert statistics."""
 
     def __init__(self, model: torch.nn.Module, taylor: bool, seq: str, batch: str) -> None:
-        from minitron_nemo.prune.importance import SampleAggregate
-
         self.taylor = taylor
         self.seq = seq
         self.stats: dict[int, dict[str, torch.Tensor]] = {}
@@ -101,8 +101,6 @@ class ExpertCollector:
         self.stats[g]["neurons_sq"][e] += args[0].detach().double().pow(2).sum(0).cpu()
 
     def _on_shared(self, g: int, _module, args) -> None:
-        from minitron_nemo.prune.importance import reduce_sequence
-
         x = args[0].detach()
         x_sbn = x if x.dim() == 3 else x.unsqueeze(1)
         self.shared[g].add(reduce_sequence(x_sbn.abs(), self.seq))

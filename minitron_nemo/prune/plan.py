@@ -4,6 +4,7 @@ config loading use it without importing torch)."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from minitron_nemo.errors import MinitronError
@@ -32,6 +33,23 @@ class Targets(Protocol):
     num_moe_experts: int | None
     moe_ffn_hidden_size: int | None
     moe_shared_expert_intermediate_size: int | None
+
+
+@dataclass
+class Sizes:
+    """Fixed target sizes (a `Targets` without a budget); None keeps the source's size."""
+
+    hidden_size: int | None = None
+    ffn_hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    num_query_groups: int | None = None
+    num_layers: int | None = None
+    drop_layers: list[int] | None = None
+    target_params: int | None = None
+    search_axes: list[str] = field(default_factory=list)
+    num_moe_experts: int | None = None
+    moe_ffn_hidden_size: int | None = None
+    moe_shared_expert_intermediate_size: int | None = None
 
 
 def target_arch(source: ModelArch, targets: Targets, tp: int = 1, pp: int = 1) -> ModelArch:
@@ -115,22 +133,22 @@ MOE_AXES = {
 def _moe_sizes(source: ModelArch, targets: Targets) -> dict[str, int]:
     """The pruned model's expert count / width / shared-expert width (checked)."""
     out = {}
-    for axis, field in MOE_AXES.items():
+    for axis, name in MOE_AXES.items():
         value = getattr(targets, axis, None)
         if value is None:
             continue
         if not source.is_moe or (
-            field == "moe_shared_expert_size" and not source.moe_shared_expert_size
+            name == "moe_shared_expert_size" and not source.moe_shared_expert_size
         ):
-            what = "an MoE model" if field != "moe_shared_expert_size" else "a shared expert"
+            what = "an MoE model" if name != "moe_shared_expert_size" else "a shared expert"
             raise MinitronError(f"prune.{axis}: needs {what} ({source.family} has none)")
         if not isinstance(value, int) or value <= 0:
             raise MinitronError(f"prune.{axis}: expected a positive integer, got {value!r}")
-        if value > getattr(source, field):
+        if value > getattr(source, name):
             raise MinitronError(
-                f"prune.{axis} = {value} is larger than the source's {getattr(source, field)}"
+                f"prune.{axis} = {value} is larger than the source's {getattr(source, name)}"
             )
-        out[field] = value
+        out[name] = value
     experts = out.get("num_experts", source.num_experts)
     if source.is_moe and experts < source.moe_router_topk:
         raise MinitronError(
@@ -199,20 +217,3 @@ def search_architecture(
         "chosen_params": arch.num_parameters(),
         "candidates": considered,
     }
-
-
-def plan_architecture(source: ModelArch, cfg: Targets, tp: int, pp: int) -> tuple[ModelArch, dict]:
-    """The target architecture (validated before any work) and how it was chosen; with
-    `prune.search`, the largest candidate (the search itself picks among all of them)."""
-    search = getattr(cfg, "search", None)
-    if search is not None and source.is_moe:
-        raise MinitronError(f"prune.search: not available for MoE models ({source.family}) yet")
-    if search is not None:
-        from minitron_nemo.prune.search_space import enumerate_candidates
-
-        candidates = enumerate_candidates(source, search, tp, pp)
-        return candidates[0], {"search_candidates": len(candidates)}
-    if cfg.target_params is not None:
-        arch, search = search_architecture(source, cfg, tp, pp)
-        return arch, {"search": search}
-    return target_arch(source, cfg, tp, pp), {}

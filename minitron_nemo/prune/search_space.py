@@ -13,10 +13,9 @@ from __future__ import annotations
 import itertools
 import math
 
-from minitron_nemo.config import PruneConfig
 from minitron_nemo.errors import MinitronError
 from minitron_nemo.models.arch import ModelArch
-from minitron_nemo.prune.plan import target_arch
+from minitron_nemo.prune.plan import Sizes, Targets, search_architecture, target_arch
 
 
 def _down(value: int, step: int, max_reduction: float) -> list[int]:
@@ -64,7 +63,7 @@ def enumerate_candidates(source: ModelArch, search, tp: int = 1, pp: int = 1) ->
     for combo in itertools.product(*grids.values()):
         sizes = dict(zip(grids, combo, strict=True))
         try:
-            arch = target_arch(source, PruneConfig(**sizes), tp, pp)
+            arch = target_arch(source, Sizes(**sizes), tp, pp)
         except MinitronError:
             continue
         if low <= count_params(arch, search.count) <= search.target_params:
@@ -92,3 +91,18 @@ def describe(arch: ModelArch, source: ModelArch) -> str:
         if getattr(arch, axis) != getattr(source, axis):
             parts.append(f"{short}{getattr(arch, axis)}")
     return "-".join(parts) or "source"
+
+
+def plan_architecture(source: ModelArch, cfg: Targets, tp: int, pp: int) -> tuple[ModelArch, dict]:
+    """The target architecture (validated before any work) and how it was chosen; with
+    `prune.search`, the largest candidate (the search itself picks among all of them)."""
+    search = getattr(cfg, "search", None)
+    if search is not None and source.is_moe:
+        raise MinitronError(f"prune.search: not available for MoE models ({source.family}) yet")
+    if search is not None:
+        candidates = enumerate_candidates(source, search, tp, pp)
+        return candidates[0], {"search_candidates": len(candidates)}
+    if cfg.target_params is not None:
+        arch, search = search_architecture(source, cfg, tp, pp)
+        return arch, {"search": search}
+    return target_arch(source, cfg, tp, pp), {}

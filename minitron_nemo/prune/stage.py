@@ -30,7 +30,7 @@ from minitron_nemo.errors import MinitronError
 from minitron_nemo.models.arch import ModelArch
 from minitron_nemo.prune import depth
 from minitron_nemo.prune.importance import collect_importance
-from minitron_nemo.prune.plan import plan_architecture
+from minitron_nemo.prune.search_space import enumerate_candidates, plan_architecture
 from minitron_nemo.prune.select import PrunePlan, select
 from minitron_nemo.prune.shard_slice import write_pruned_checkpoint
 from minitron_nemo.report import plots
@@ -162,8 +162,6 @@ def run_prune(
     if cfg.search is not None:
         if distill is None:
             raise MinitronError("prune.search needs the run's distill settings")
-        from minitron_nemo.prune.search_space import enumerate_candidates
-
         drops = {
             source.num_layers - a.num_layers
             for a in enumerate_candidates(source, cfg.search, tp, pp)
