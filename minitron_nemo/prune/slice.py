@@ -172,3 +172,18 @@ def _slice_moe_layer(
         else:
             raise ValueError(f"{name}: no slicing rule for this MoE tensor")
     return out
+
+
+def slice_state_dict(
+    state: dict[str, torch.Tensor],
+    source: ModelArch,
+    plan: PrunePlan,
+    head_scores: torch.Tensor | None = None,
+    merge_heads: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The pruned model's HF state dict (new layer j comes from source layer plan.layers[j]);
+    for models held in memory (studies). The prune stage slices layer by layer on the shards."""
+    out = slice_global(state, source, plan)
+    for j, i in enumerate(plan.layers):
+        out.update(slice_layer(state, i, j, source, plan, head_scores, merge_heads))
+    return out
