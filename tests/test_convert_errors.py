@@ -166,3 +166,25 @@ def test_cli_prints_one_line_and_exits_1(hf_dir, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: tensor parallel size 3 does not divide arch.num_attention_heads = 4"
     )
+
+
+@pytest.mark.parametrize(
+    "family,key,value,match",
+    [
+        ("qwen3", "use_sliding_window", True, r"use_sliding_window = True is not supported"),
+        ("qwen3", "attention_bias", True, r"attention_bias = True is not supported"),
+        ("qwen3_moe", "num_experts_per_tok", 0, r"missing required key 'num_experts_per_tok'"),
+    ],
+)
+def test_unsupported_qwen3_and_moe_configs_are_refused(tmp_path, family, key, value, match):
+    hf_dir = make_tiny_hf(family, tmp_path / "hf")
+    config = json.loads((hf_dir / "config.json").read_text())
+    config[key] = value
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    _assert_fails(hf_dir, tmp_path / "out", match)
+
+
+def test_ep_on_a_dense_model_or_not_dividing_experts_is_refused(hf_dir, tmp_path):
+    _assert_fails(hf_dir, tmp_path / "out", r"expert parallel size 2 needs an MoE model", ep=2)
+    moe = make_tiny_hf("mixtral", tmp_path / "moe")  # 4 experts
+    _assert_fails(moe, tmp_path / "out2", r"expert parallel size 3 does not divide", ep=3)

@@ -387,3 +387,13 @@ def test_planted_experts_default_keeps_the_rare_strong_one(planted_moe, tmp_path
     active = reports["reap"]["active_params_before"] - reports["reap"]["active_params_after"]
     assert active == len(MOE_LAYERS) * 2 * 64
     assert (tmp_path / "reap" / "plots" / "experts.png").stat().st_size > 1000
+
+
+def test_moe_training_at_tp2_without_sequence_parallel_is_refused(kd_moe, tmp_path):
+    from minitron_nemo.distill.train import train
+    from minitron_nemo.errors import MinitronError
+
+    root, data = kd_moe
+    with pytest.raises(MinitronError, match=r"MoE model at tp = 2 needs parallel.sequence_par"):
+        train(root / "student", tmp_path / "run", _moe_cfg(), data, root / "teacher", tp=2)
+    assert not (tmp_path / "run" / "checkpoints").exists()

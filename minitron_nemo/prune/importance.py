@@ -196,6 +196,7 @@ def collect_importance(
     progress: bool = True,
     head_score: str = "taylor",
     vocab_size: int | None = None,
+    expert_taylor: bool = False,
 ) -> Importance:
     """Run calibration micro-batches [b, s+1] (read one at a time) through the model (and back,
     for the taylor head score) and return the gathered importance."""
@@ -203,7 +204,9 @@ def collect_importance(
     from minitron_nemo.runtime.progress import Progress
 
     device = next(model.parameters()).device
-    taylor = head_score == "taylor"
+    # One backward pass per micro-batch serves the taylor head score and the taylor expert score
+    # (`expert_taylor`: an MoE model ranked by it); either one asks for it, on every rank alike.
+    taylor = head_score == "taylor" or expert_taylor
     collector = ImportanceCollector(model, seq=seq, batch=batch, taylor=taylor)
     bar = Progress(total=num_samples * seq_length, desc="calibration", unit="tok", enabled=progress)
     try:
@@ -219,7 +222,7 @@ def collect_importance(
         bar.close()
     scores = gather_scores(collector.local_scores(), num_layers)
     return Importance(
-        heads=scores["taylor"] if taylor else scores["heads"],
+        heads=scores["taylor"] if head_score == "taylor" else scores["heads"],
         head_score=head_score,
         heads_activation=scores["heads"],
         heads_taylor=scores["taylor"] if taylor else None,

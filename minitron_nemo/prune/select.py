@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minitron_nemo.errors import MinitronError
 from minitron_nemo.models.arch import ModelArch
 
 
@@ -104,7 +105,11 @@ def _select_experts(
         plan.experts[i] = everything
     else:
         if expert_score not in scores:
-            raise ValueError(f"layer {i}: the importance has no {expert_score} expert scores")
+            have = sorted(set(scores) - {"neurons", "shared_neurons"})
+            raise MinitronError(
+                f"prune.expert_score: the importance has no {expert_score} expert scores "
+                f"(layer {i}); recalibrate or choose one of {have}"
+            )
         plan.experts[i] = _top(scores[expert_score], arch.num_experts)
     width = list(range(source.moe_ffn_hidden_size))
     plan.expert_neurons[i] = {

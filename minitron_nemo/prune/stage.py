@@ -71,6 +71,7 @@ def _calibrate_on_rank(
                 seq=cfg.aggregation_seq,
                 batch=cfg.aggregation_batch,
                 head_score=cfg.head_score,
+                expert_taylor=arch.is_moe and cfg.expert_score == "taylor",
                 vocab_size=arch.vocab_size,
             )
             imp_state = imp.to_state()
