@@ -11,6 +11,8 @@ experts): post-prune held-out loss per target and expert score, against random c
    model's held-out loss is computed by megatron-core.
 Targets: experts 8 -> 4, 8 -> 2, expert width 128 -> 64, shared expert 256 -> 128, and a combined
 active-parameter target (experts 8 -> 4 and width 128 -> 64).
+3. Recovery: the experts 8 -> 4 student pruned with the default score is distilled from the
+   trained model for --distill-steps steps (forward KL + router loss) and evaluated again.
 Resumable: every model is a directory under --work; a rerun skips what is complete.
 
 usage: .venv/bin/python bench/prune_quality_moe.py [--work /tmp/minitron_moe_quality]
@@ -143,6 +145,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/minitron_moe_quality"))
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--distill-steps", type=int, default=100)
     args = parser.parse_args()
     from minitron_nemo import atomic
     from minitron_nemo.config import PruneConfig
@@ -190,6 +193,17 @@ def main() -> None:
         for score in SCORES if "num_moe_experts" in sizes else ("reap",):
             prune(f"{target} | {score}", imp_path, expert_score=score, **sizes)
 
+    from minitron_nemo.config import DistillConfig
+    from minitron_nemo.distill.train import train
+
+    start = time.time()
+    kd = DistillConfig(steps=args.distill_steps, global_batch_size=16, micro_batch_size=8,
+                       lr=1e-3, min_lr=1e-4, warmup_steps=10, save_every=args.distill_steps,
+                       kd_chunk_tokens=512, log_every=25)  # fmt: skip
+    models["experts 8->4 | taylor, distilled"] = train(
+        Path(models["experts 8->4 | taylor"]), work / "distilled", kd, spec, trained
+    )
+    timings["distill_s"] = round(time.time() - start)
     losses = heldout_losses(models, spec, work / "heldout.json", micro_batch=8)
     table = {"unigram": unigram_loss(spec), "trained": losses["trained"]["heldout_loss"]}
     rows = []
@@ -207,6 +221,11 @@ def main() -> None:
         row["active"] = report.get("active_params_after")
         rows.append(row)
     table["rows"] = rows
+    table["distilled"] = {
+        "pruned": losses["experts 8->4 | taylor"]["heldout_loss"],
+        "distilled": losses["experts 8->4 | taylor, distilled"]["heldout_loss"],
+        "steps": args.distill_steps,
+    }
     table["timings"] = timings
     table["calibration_seconds"] = imp.get("calibration_seconds")
     (work / "results.json").write_text(json.dumps(table, indent=2))
@@ -219,6 +238,9 @@ def main() -> None:
         print(f"| {r['target']} | {total / 1e6:.2f}M / {r['active'] / 1e6:.2f}M | "
               + " | ".join(cells) + f" | {r['random']:.3f} ({r['random_range'][0]:.3f}-"
               f"{r['random_range'][1]:.3f}) |")  # fmt: skip
+    d = table["distilled"]
+    print(f"experts 8->4 (taylor): pruned {d['pruned']:.3f} -> distilled {d['distilled']:.3f} "
+          f"after {d['steps']} steps of 16 x 128 tokens")  # fmt: skip
     print(json.dumps(timings))
 
 
