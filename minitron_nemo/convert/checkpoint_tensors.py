@@ -18,7 +18,8 @@ import torch
 from minitron_nemo.errors import MinitronError
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-_EXPERT = re.compile(r"^(.*\.)local_experts\.(\d+)\.(.+)$")
+# A routed expert of megatron's SequentialMLP: `<pre>local_experts.<e>.<post>`.
+LOCAL_EXPERT = re.compile(r"^(?P<pre>.*\.)local_experts\.(?P<e>\d+)\.(?P<post>.+)$")
 
 
 def _keys_map() -> dict[str, str]:
@@ -46,11 +47,11 @@ def checkpoint_key(
     for old, new in keys_map.items():
         if rest.startswith(old):
             rest = new + rest[len(old) :]
-    expert = _EXPERT.match(rest)
+    expert = LOCAL_EXPERT.match(rest)
     axes = []
     if expert:
-        rest = f"{expert.group(1)}experts.{expert.group(3)}"
-        axes = [int(expert.group(2))]
+        rest = f"{expert['pre']}experts.{expert['post']}"
+        axes = [int(expert["e"])]
     per_layer_key = f"decoder.layers.{layer}.{rest}"
     if stored is not None and per_layer_key in stored:
         return per_layer_key, axes
@@ -90,9 +91,7 @@ class CheckpointTensors:
         for name in names:
             key, axes, meta = self._entry(name)
             shape = tuple(meta.global_shape)
-            layer_axes = (
-                axes[:1] if key.startswith("decoder.layers.") and not _LAYER.match(key) else []
-            )
+            layer_axes = [] if _LAYER.match(key) else axes[:1]  # stacked layers: axis 0
             expert_axes = axes[len(layer_axes) :]
             request_key = f"{key}@{'.'.join(map(str, layer_axes))}"
             if request_key not in request:

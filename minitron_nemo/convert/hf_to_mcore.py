@@ -18,6 +18,7 @@ import torch
 
 from minitron_nemo import atomic, checkpoint
 from minitron_nemo.convert import transforms
+from minitron_nemo.convert.checkpoint_tensors import LOCAL_EXPERT
 from minitron_nemo.convert.safetensors_io import SafetensorsReader
 from minitron_nemo.errors import MinitronError
 from minitron_nemo.models.arch import ModelArch
@@ -29,7 +30,6 @@ from minitron_nemo.runtime.launch import run_on_ranks
 
 log = logging.getLogger(__name__)
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.*)")
-_LOCAL_EXPERT = re.compile(r"(.*\.local_experts\.)(\d+)(\..*)")
 
 
 @dataclass(frozen=True)
@@ -107,11 +107,11 @@ def global_name(local_name: str, model: torch.nn.Module) -> tuple[str, int | Non
     block = model.decoder.layers[local]
     layer = block.layer_number - 1  # layer_number is global, 1-based
     rest, expert = match.group(2), None
-    expert_match = _LOCAL_EXPERT.fullmatch(rest)
+    expert_match = LOCAL_EXPERT.match(rest)
     if expert_match:
         num_local = len(block.mlp.experts.local_experts)
-        expert = global_expert(int(expert_match.group(2)), num_local)
-        rest = f"{expert_match.group(1)}<e>{expert_match.group(3)}"
+        expert = global_expert(int(expert_match["e"]), num_local)
+        rest = f"{expert_match['pre']}local_experts.<e>.{expert_match['post']}"
     return f"decoder.layers.*.{rest}", layer, expert
 
 

@@ -9,7 +9,8 @@ own output. Per expert e of a layer, over the calibration tokens:
 - `router_mass`: sum of p over the tokens routed to e, per token;
 - `reap`: mean over the tokens routed to e of ||p * y|| (REAP, Lasby et al. 2025: router-weighted
   expert activation norm);
-- `taylor` (with a backward pass, `prune.head_score: taylor`): mean over micro-batches of
+- `taylor` (with the calibration's backward pass, see `collect_importance`): mean over
+  micro-batches of
   |sum over routed tokens of g . (p * y)|, g = dLoss/d(layer output): the first-order loss
   change when e's contribution is removed, the score the heads use;
 - `neurons` [E, I]: per expert, the L2 norm over its routed tokens of each neuron's (gate-weighted)
@@ -29,8 +30,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from minitron_nemo.prune.aggregate import SampleAggregate, reduce_sequence
-
-EXPERT_SCORES = ("taylor", "reap", "frequency", "router_mass")
 
 
 class ExpertCollector:

@@ -47,7 +47,7 @@ def select(
     channels: torch.Tensor,
     layers: list[int],
     experts: dict[int, dict[str, torch.Tensor]] | None = None,
-    expert_score: str = "reap",
+    expert_score: str = "taylor",
 ) -> PrunePlan:
     """Keep the most important units: channels globally, the rest per kept layer.
 
@@ -90,37 +90,27 @@ def _select_experts(
     scores: dict[str, torch.Tensor] | None,
     expert_score: str,
 ) -> None:
-    """Experts, expert neurons and shared-expert neurons kept in MoE layer i."""
-    same = (
-        arch.num_experts == source.num_experts
-        and arch.moe_ffn_hidden_size == source.moe_ffn_hidden_size
-        and arch.moe_shared_expert_size == source.moe_shared_expert_size
-    )
-    if scores is None:
-        if not same:
-            raise ValueError(f"layer {i}: no expert importance to prune experts with")
-        scores = {}
-    everything = list(range(source.num_experts))
-    if arch.num_experts == source.num_experts:
-        plan.experts[i] = everything
-    else:
-        if expert_score not in scores:
+    """Experts, expert neurons and shared-expert neurons kept in MoE layer i (all of an axis
+    the target leaves at the source's size, else the best by `scores`)."""
+    scores = scores or {}
+
+    def keep(n_source: int, n_kept: int, key: str, expert: int | None = None) -> list[int]:
+        if n_kept == n_source:
+            return list(range(n_source))
+        if key not in scores:
             have = sorted(set(scores) - {"neurons", "shared_neurons"})
             raise MinitronError(
-                f"prune.expert_score: the importance has no {expert_score} expert scores "
-                f"(layer {i}); recalibrate or choose one of {have}"
+                f"prune: the importance has no {key} scores for MoE layer {i}; recalibrate"
+                + (f" or set prune.expert_score to one of {have}" if have else "")
             )
-        plan.experts[i] = _top(scores[expert_score], arch.num_experts)
-    width = list(range(source.moe_ffn_hidden_size))
+        return _top(scores[key] if expert is None else scores[key][expert], n_kept)
+
+    plan.experts[i] = keep(source.num_experts, arch.num_experts, expert_score)
     plan.expert_neurons[i] = {
-        e: width
-        if arch.moe_ffn_hidden_size == source.moe_ffn_hidden_size
-        else _top(scores["neurons"][e], arch.moe_ffn_hidden_size)
+        e: keep(source.moe_ffn_hidden_size, arch.moe_ffn_hidden_size, "neurons", e)
         for e in plan.experts[i]
     }
     if source.moe_shared_expert_size:
-        plan.shared_neurons[i] = (
-            list(range(source.moe_shared_expert_size))
-            if arch.moe_shared_expert_size == source.moe_shared_expert_size
-            else _top(scores["shared_neurons"], arch.moe_shared_expert_size)
+        plan.shared_neurons[i] = keep(
+            source.moe_shared_expert_size, arch.moe_shared_expert_size, "shared_neurons"
         )

@@ -256,7 +256,7 @@ def run_prune(
     return report
 
 
-def _expert_report(source: ModelArch, plan: PrunePlan, imp: dict, cfg: PruneConfig) -> dict:
+def _expert_report(source: ModelArch, plan: PrunePlan, cfg: PruneConfig) -> dict:
     """The MoE part of the prune report: which score ranked the experts, the experts each layer
     kept, total and active parameters (active: per token, model-card convention)."""
     if not source.is_moe:
@@ -313,7 +313,7 @@ def _report(
         "layer_skip_loss": [float(x) for x in skip] if skip is not None else None,
         "block_loss": {str(kk): v for kk, v in blocks.items()},
         "merge_pruned_heads": cfg.merge_pruned_heads,
-        **_expert_report(source, plan, imp, cfg),
+        **_expert_report(source, plan, cfg),
         "seconds": seconds,
         **how,
         "config": asdict(cfg),

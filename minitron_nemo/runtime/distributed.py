@@ -28,8 +28,7 @@ from minitron_nemo.runtime import cpu_compat
 
 @dataclass(frozen=True)
 class ParallelContext:
-    """Where this process sits in the TP x PP x DP grid (and, for MoE layers, the EP grid:
-    expert parallelism splits the experts over ranks of the data-parallel dimension)."""
+    """Where this process sits in the TP x PP x DP grid."""
 
     rank: int
     world_size: int
@@ -40,8 +39,6 @@ class ParallelContext:
     pp_rank: int
     dp_rank: int
     device: torch.device
-    ep: int = 1
-    ep_rank: int = 0
 
     @property
     def is_first_stage(self) -> bool:
@@ -71,7 +68,8 @@ def initialize(
     tp: int = 1, pp: int = 1, seed: int = 1234, ep: int = 1
 ) -> Iterator[ParallelContext]:
     """Initialise torch.distributed and megatron parallel state; tear both down on exit.
-    `ep` (expert parallel size) must divide the data-parallel size x tp (megatron's rule)."""
+    `ep` (expert parallel size: MoE experts split over ranks of the data-parallel dimension)
+    must divide the data-parallel size."""
     from megatron.core import parallel_state, tensor_parallel
 
     cpu_compat.install()
@@ -122,8 +120,6 @@ def initialize(
             pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
             dp_rank=parallel_state.get_data_parallel_rank(),
             device=device,
-            ep=ep,
-            ep_rank=parallel_state.get_expert_model_parallel_rank(),
         )
     except BaseException:
         failed = True

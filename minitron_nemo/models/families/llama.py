@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from minitron_nemo.errors import MinitronError
 from minitron_nemo.models.arch import ModelArch
-from minitron_nemo.models.families.base import EXTRA_KEYS, Family, LayerKind, Rule, register
+from minitron_nemo.models.families.base import EXTRA_KEYS, Family, Rule, register
 
 LLAMA3_ROPE_KEYS = (
     "factor",
@@ -63,7 +63,7 @@ class LlamaLike(Family):
                 "decoder.layers.*.pre_mlp_layernorm.weight",
                 (layer + "post_attention_layernorm.weight",),
             ),
-            *self.dense_mlp_rules("dense" if arch.is_moe else "all"),
+            *self.dense_mlp_rules(),
             *(self.moe_rules(arch) if arch.is_moe else []),
             Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
         ]
@@ -89,20 +89,21 @@ class LlamaLike(Family):
         return rules
 
     @staticmethod
-    def dense_mlp_rules(layers: LayerKind) -> list[Rule]:
+    def dense_mlp_rules() -> list[Rule]:
+        """The gated MLP of the layers without experts (every layer of a dense model)."""
         mlp = "model.layers.*.mlp."
         return [
             Rule(
                 "decoder.layers.*.mlp.linear_fc1.weight",
                 (mlp + "gate_proj.weight", mlp + "up_proj.weight"),
                 "gate_up",
-                layers,
+                "dense",
             ),
             Rule(
                 "decoder.layers.*.mlp.linear_fc2.weight",
                 (mlp + "down_proj.weight",),
                 "copy",
-                layers,
+                "dense",
             ),
         ]
 
