@@ -30,6 +30,10 @@ from minitron_nemo.errors import MinitronError
 SearchAxis = Literal[
     "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "num_layers"
 ]
+GridAxis = Literal[
+    "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_layers",
+    "num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+]  # fmt: skip
 
 
 def _choices(annotation: Any) -> tuple | None:
@@ -141,25 +145,36 @@ class SearchConfig:
     file, scored zero-shot, the best `top_k` distilled `steps` steps each on the same batches,
     the winner (lowest held-out loss after that) handed to the distill stage (P1 section 3)."""
 
-    target_params: int = 0
+    target_params: int | None = None
+    """Budget of parameters (counted as `count` says)."""
     count: Literal["total", "non_embedding"] = "total"
-    """Which parameters the budget counts."""
+    """Which parameters target_params counts."""
+    target_active_params: int | None = None
+    """Budget of parameters one token goes through (MoE: attention, router, the top-k routed
+    experts, the shared expert, norms, embedding and output layer; a dense model's total)."""
+    target_memory_mb: float | None = None
+    """Budget of inference memory in MiB (2**20 bytes): every weight plus the KV cache of
+    `memory_batch_size` sequences of `memory_seq_length` tokens, all in bf16."""
+    memory_seq_length: int = 4096
+    memory_batch_size: int = 1
     tolerance: float = 0.05
-    """Candidates have between budget x (1 - tolerance) and budget parameters."""
-    axes: list[SearchAxis] = field(
-        default_factory=lambda: [
-            "hidden_size",
-            "ffn_hidden_size",
-            "num_attention_heads",
-            "num_layers",
-        ]  # fmt: skip
-    )
+    """A candidate stays within every budget and uses at least (1 - tolerance) of one of them."""
+    axes: list[GridAxis] | None = None
+    """Axes searched (the others keep the source's size); null = every axis the model has:
+    hidden_size, ffn_hidden_size (dense MLP layers), num_attention_heads, num_layers and, for MoE
+    models, num_moe_experts, moe_ffn_hidden_size, moe_shared_expert_intermediate_size."""
     hidden_size_step: int = 64
     ffn_hidden_size_step: int = 256
     num_layers_step: int = 1
+    num_moe_experts_step: int = 8
+    moe_ffn_hidden_size_step: int = 64
+    """Also the step of moe_shared_expert_intermediate_size."""
     max_width_reduction: float = 0.4
-    """At most this fraction of a width axis (hidden, ffn, heads per group) is removed."""
+    """At most this fraction of a width axis (hidden, ffn, heads per group, expert widths) is
+    removed."""
     max_depth_reduction: float = 0.5
+    max_expert_reduction: float = 0.5
+    """At most this fraction of the routed experts is removed (never below the top-k)."""
     max_candidates: int = 64
     top_k: int = 4
     """Candidates (best zero-shot first) distilled briefly and ranked again."""
@@ -176,21 +191,28 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         _check_choices(self, "prune.search")
-        _positive(self, "prune.search", "target_params", "hidden_size_step")
+        budgets = ("target_params", "target_active_params", "target_memory_mb")
+        if all(getattr(self, name) is None for name in budgets):
+            raise MinitronError(
+                "prune.search: expected a budget: target_params, target_active_params and / or "
+                "target_memory_mb"
+            )
+        _positive(self, "prune.search", *(n for n in budgets if getattr(self, n) is not None))
+        _positive(self, "prune.search", "hidden_size_step", "memory_seq_length")
         _positive(self, "prune.search", "ffn_hidden_size_step", "num_layers_step")
+        _positive(self, "prune.search", "num_moe_experts_step", "moe_ffn_hidden_size_step")
+        _positive(self, "prune.search", "memory_batch_size")
         _positive(self, "prune.search", "max_candidates", "top_k", "steps", "eval_every")
         if self.teacher_cache_k is not None:
             _positive(self, "prune.search", "teacher_cache_k")
-        for name in ("tolerance", "max_width_reduction", "max_depth_reduction"):
+        for name in ("tolerance", "max_width_reduction", "max_depth_reduction",
+                     "max_expert_reduction"):  # fmt: skip
             if not 0 <= getattr(self, name) < 1:
                 raise MinitronError(
                     f"prune.search.{name}: expected a fraction in [0, 1), got {getattr(self, name)}"
                 )
-        if not self.axes or "num_query_groups" in self.axes:
-            raise MinitronError(
-                "prune.search.axes: expected some of hidden_size, ffn_hidden_size, "
-                f"num_attention_heads, num_layers, got {self.axes}"
-            )
+        if self.axes is not None and not self.axes:
+            raise MinitronError("prune.search.axes: expected at least one axis (or null: all)")
         if self.steps % self.eval_every:
             raise MinitronError(
                 f"prune.search.steps ({self.steps}) must be a multiple of eval_every "

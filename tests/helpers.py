@@ -6,8 +6,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from minitron_nemo.models.arch import ModelArch
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 250  # not a multiple of 128: exercises vocab padding
@@ -255,3 +259,52 @@ def make_kd_models(root: Path) -> Path:
     make_tiny_hf("llama", root / "student_hf", seed=2, intermediate_size=64, num_hidden_layers=2)
     hf_to_mcore(root / "student_hf", root / "student")
     return root
+
+
+# -- real models' configs (config.json as published), for counts from the config alone ---
+def arch_from_config(config: dict) -> ModelArch:
+    """The ModelArch of an HF config dict (a model card's config.json)."""
+    from minitron_nemo.models.families import family_for_config
+
+    return family_for_config(config, "card").arch_from_config(config, "card")
+
+
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "tie_word_embeddings": False,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "use_sliding_window": False,
+}
+MIXTRAL_8X7B = {
+    "architectures": ["MixtralForCausalLM"],
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "tie_word_embeddings": False,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5,
+    "hidden_act": "silu",
+}

@@ -14,7 +14,16 @@ from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
 from minitron_nemo.convert.mcore_to_hf import mcore_to_hf
 from minitron_nemo.models.arch import ModelArch
 from minitron_nemo.models.families import family_by_name
-from tests.helpers import REPO, VOCAB, make_tiny_hf, max_rel_err, torchrun
+from tests.helpers import (
+    MIXTRAL_8X7B,
+    QWEN3_30B_A3B,
+    REPO,
+    VOCAB,
+    arch_from_config,
+    make_tiny_hf,
+    max_rel_err,
+    torchrun,
+)
 from tests.test_convert import _hf_state
 
 GRAD_FAMILIES = ["qwen3_moe", "qwen2_moe"]  # top-k-then-softmax; softmax-then-top-k + shared
@@ -103,53 +112,6 @@ def test_ep2_checkpoint_exports_bitwise(family, tmp_path):
         assert torch.equal(exported[name], tensor), name
 
 
-def _arch_from_config(config: dict) -> ModelArch:
-    from minitron_nemo.models.families import family_for_config
-
-    return family_for_config(config, "card").arch_from_config(config, "card")
-
-
-QWEN3_30B_A3B = {
-    "architectures": ["Qwen3MoeForCausalLM"],
-    "vocab_size": 151936,
-    "hidden_size": 2048,
-    "intermediate_size": 6144,
-    "moe_intermediate_size": 768,
-    "num_hidden_layers": 48,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 4,
-    "head_dim": 128,
-    "num_experts": 128,
-    "num_experts_per_tok": 8,
-    "norm_topk_prob": True,
-    "decoder_sparse_step": 1,
-    "mlp_only_layers": [],
-    "tie_word_embeddings": False,
-    "rope_theta": 1000000.0,
-    "max_position_embeddings": 40960,
-    "rms_norm_eps": 1e-6,
-    "hidden_act": "silu",
-    "attention_bias": False,
-    "use_sliding_window": False,
-}
-MIXTRAL_8X7B = {
-    "architectures": ["MixtralForCausalLM"],
-    "vocab_size": 32000,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "num_local_experts": 8,
-    "num_experts_per_tok": 2,
-    "tie_word_embeddings": False,
-    "rope_theta": 1000000.0,
-    "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-5,
-    "hidden_act": "silu",
-}
-
-
 @pytest.mark.parametrize(
     "config,total,active",
     [(QWEN3_30B_A3B, 30.5e9, 3.3e9), (MIXTRAL_8X7B, 46.7e9, 12.9e9)],
@@ -160,10 +122,26 @@ def test_parameter_counts_match_model_cards(config, total, active):
     layer) parameters from the config alone. Measured: Qwen3-30B-A3B 30.53B / 3.353B (the card
     prints 3.3B), Mixtral-8x7B 46.70B / 12.88B; without the embedding table the active counts
     would be 2.73B / 12.62B, so the cards count it."""
-    arch = _arch_from_config(config)
+    arch = arch_from_config(config)
     assert abs(arch.num_parameters() - total) / total < 0.005
     assert abs(arch.num_parameters(active=True) - active) / active < 0.02
     assert arch.num_parameters(active=True, include_embeddings=False) < 0.98 * active
+
+
+@pytest.mark.parametrize(
+    "config,kv_bytes_per_token", [(QWEN3_30B_A3B, 2 * 48 * 4 * 128 * 2),
+                                  (MIXTRAL_8X7B, 2 * 32 * 8 * 128 * 2)],
+    ids=["qwen3-30b-a3b", "mixtral-8x7b"],
+)  # fmt: skip
+def test_memory_is_bf16_weights_plus_kv_cache(config, kv_bytes_per_token):
+    """Keys and values of every layer, kv heads x head_dim each, 2 bytes: Qwen3-30B-A3B
+    96 KiB per token (384 MiB for 4096 tokens), Mixtral-8x7B 128 KiB (512 MiB); weights 2 bytes
+    per parameter, every expert counted."""
+    arch = arch_from_config(config)
+    assert kv_bytes_per_token in (96 * 1024, 128 * 1024)
+    weights = 2 * arch.num_parameters()
+    assert arch.memory_bytes(4096, 1) == weights + 4096 * kv_bytes_per_token
+    assert arch.memory_bytes(1000, 3) == weights + 3000 * kv_bytes_per_token
 
 
 # -- training ----------------------------------------------------------------------------
@@ -319,7 +297,8 @@ def planted_moe(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("planted_moe")
     docs = random_documents(40, 33, seed=4)
-    data = token_data_spec(root / "data", docs, seq_length=32, calibration_samples=24)
+    data = token_data_spec(root / "data", docs, seq_length=32, calibration_samples=24,
+                           split="80,0,20", heldout_samples=8)  # fmt: skip
     hf = make_tiny_hf("qwen3_moe", root / "hf", seed=7, mlp_only_layers=[2, 3])
     _plant_experts(hf)
     hf_to_mcore(hf, root / "mc")
@@ -387,6 +366,42 @@ def test_planted_experts_default_keeps_the_rare_strong_one(planted_moe, tmp_path
     active = reports["reap"]["active_params_before"] - reports["reap"]["active_params_after"]
     assert active == len(MOE_LAYERS) * 2 * 64
     assert (tmp_path / "reap" / "plots" / "experts.png").stat().st_size > 1000
+
+
+def test_search_in_total_and_active_budgets_prunes_experts_and_their_width(planted_moe, tmp_path):
+    """prune.search on the planted MoE (193,024 params, 168,448 active) within 175,000 total
+    and 165,000 active: exactly two candidates fit (experts 4 -> 3 or 2 and width 32 -> 24;
+    2 experts at full width is over the active budget); the winner keeps the rarely picked
+    expert that matters in every MoE layer, exports, and loads in transformers with the
+    megatron model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from minitron_nemo.config import DistillConfig, PruneConfig, SearchConfig
+    from minitron_nemo.prune.stage import run_prune
+    from tests.test_prune import _logits_of
+
+    root, data = planted_moe
+    search = SearchConfig(target_params=175_000, target_active_params=165_000, tolerance=0.1,
+                          axes=["num_moe_experts", "moe_ffn_hidden_size"], num_moe_experts_step=1,
+                          moe_ffn_hidden_size_step=8, top_k=1, steps=1, eval_every=1,
+                          teacher_cache_k=None)  # fmt: skip
+    cfg = PruneConfig(search=search, depth_scores=False, depth_eval_samples=4, micro_batch_size=4)
+    distill = DistillConfig(global_batch_size=4, micro_batch_size=4, warmup_steps=0)
+    report = run_prune(root / "mc", tmp_path / "prune", cfg, data, distill=distill)
+    found = report["search"]
+    assert sorted(c["name"] for c in found["candidates"]) == ["E2-eff24", "E3-eff24"]
+    for c in found["candidates"]:
+        assert c["params"] <= 175_000 and c["active_params"] <= 165_000, c
+    chosen = ModelArch.load(tmp_path / "prune" / "ckpt" / "arch.yaml")
+    assert chosen.moe_ffn_hidden_size == 24 and chosen.num_experts in (2, 3)
+    for layer in MOE_LAYERS:
+        assert RARE_STRONG in report["kept_experts"][str(layer)], report["kept_experts"]
+    tokens = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "prune" / "hf").eval()
+        assert hf.config.num_experts == chosen.num_experts
+        expected = hf(tokens).logits
+    assert max_rel_err(_logits_of(tmp_path / "prune" / "ckpt", tokens), expected) < 1e-5
 
 
 def test_moe_training_at_tp2_without_sequence_parallel_is_refused(kd_moe, tmp_path):

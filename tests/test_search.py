@@ -21,9 +21,18 @@ from minitron_nemo.errors import MinitronError
 from minitron_nemo.models.arch import ModelArch
 from minitron_nemo.prune.plan import target_arch
 from minitron_nemo.prune.search import spearman
-from minitron_nemo.prune.search_space import count_params, enumerate_candidates
+from minitron_nemo.prune.search_space import axis_values, count_params, enumerate_candidates
 from minitron_nemo.prune.stage import run_prune
-from tests.helpers import REPO, VOCAB, make_tiny_hf, random_documents, tiny_config, token_data_spec
+from tests.helpers import (
+    QWEN3_30B_A3B,
+    REPO,
+    VOCAB,
+    arch_from_config,
+    make_tiny_hf,
+    random_documents,
+    tiny_config,
+    token_data_spec,
+)
 
 LLAMA_8B = ModelArch("llama", 128256, 4096, 14336, 32, 32, 8, 128, 131072, 5e5, 1e-5)
 
@@ -76,6 +85,68 @@ def test_impossible_budget_and_explicit_sizes_are_refused():
         PruneConfig(hidden_size=512, search=_p1_space())
     with pytest.raises(MinitronError, match="max_candidates"):
         enumerate_candidates(LLAMA_8B, _p1_space(max_candidates=3), tp=8)
+
+
+def _moe_space(**overrides) -> SearchConfig:
+    base = dict(target_active_params=2_600_000_000, target_memory_mb=40_000, tolerance=0.05,
+                hidden_size_step=256, num_moe_experts_step=32, moe_ffn_hidden_size_step=128,
+                max_width_reduction=0.5, num_layers_step=8, max_candidates=1000)  # fmt: skip
+    return SearchConfig(**{**base, **overrides})
+
+
+def test_moe_enumeration_meets_the_active_and_memory_budgets():
+    """Qwen3-30B-A3B (3.35B active, 58,619 MiB of bf16 weights + KV cache at 4096 tokens) into
+    2.6B active and 40,000 MiB: the enumeration is exactly the grid's valid architectures within
+    both budgets that use at least 95% of one; expert count, expert width and the dense axes
+    all move; every candidate keeps >= the router's top-k experts."""
+    source = arch_from_config(QWEN3_30B_A3B)
+    search = _moe_space()
+    found = {
+        (a.num_layers, a.hidden_size, a.num_attention_heads, a.num_experts, a.moe_ffn_hidden_size)
+        for a in enumerate_candidates(source, search, tp=4, pp=2)
+    }
+    expected = set()
+    for layers, hidden, per_group, experts, width in itertools.product(
+        (48, 40, 32, 24), range(1024, 2049, 256), range(4, 9), (128, 96, 64), (768, 640, 512, 384)
+    ):
+        sizes = dict(num_layers=layers, hidden_size=hidden, num_attention_heads=per_group * 4,
+                     num_moe_experts=experts, moe_ffn_hidden_size=width)  # fmt: skip
+        try:
+            arch = target_arch(source, PruneConfig(**sizes), tp=4, pp=2)
+        except MinitronError:
+            continue
+        active = arch.num_parameters(active=True) / 2.6e9
+        # weights + KV cache (2 x layers x kv heads x head_dim x 4096 tokens), 2 bytes each
+        kv = 2 * layers * 4 * 128 * 4096
+        memory = 2 * (arch.num_parameters() + kv) / 2**20 / 40_000
+        if max(active, memory) <= 1 and max(active, memory) >= 0.95:
+            expected.add((layers, hidden, per_group * 4, experts, width))
+    assert found == expected and len(found) > 10
+    for i in range(5):  # every axis moves
+        assert len({f[i] for f in found}) > 1, i
+    both = [f for f in found if f[3] < 128 and f[4] < 768]
+    assert both, "expert count and width pruned together"
+    only_active = enumerate_candidates(source, _moe_space(target_memory_mb=None), tp=4, pp=2)
+    assert {a.num_experts for a in only_active} == {128, 96, 64}  # experts barely move "active"
+    grid = axis_values(source, _moe_space(axes=["num_moe_experts"], num_moe_experts_step=6,
+                                          max_expert_reduction=0.99))  # fmt: skip
+    assert grid == {"num_moe_experts": [128, *range(126, 11, -6)]}  # 6 < top-k 8: left out
+
+
+def test_search_axes_and_budgets_are_checked():
+    source = arch_from_config(QWEN3_30B_A3B)
+    with pytest.raises(MinitronError, match="has no ffn_hidden_size to search"):
+        enumerate_candidates(source, _moe_space(axes=["ffn_hidden_size"]))
+    with pytest.raises(MinitronError, match="has no num_moe_experts to search"):
+        enumerate_candidates(LLAMA_8B, _p1_space(axes=["num_moe_experts"]))
+    with pytest.raises(MinitronError, match="no moe_shared_expert_intermediate_size"):
+        enumerate_candidates(source, _moe_space(axes=["moe_shared_expert_intermediate_size"]))
+    with pytest.raises(MinitronError, match="expected a budget"):
+        SearchConfig()
+    with pytest.raises(MinitronError, match="target_memory_mb: expected > 0"):
+        SearchConfig(target_memory_mb=-1)
+    with pytest.raises(MinitronError, match=r"target_active_params = 1,000 \(source: 3,35"):
+        enumerate_candidates(source, _moe_space(target_active_params=1000), tp=4, pp=2)
 
 
 def test_spearman():

@@ -183,6 +183,17 @@ class ModelArch:
             total += self.vocab_size * h * (1 if self.tie_embeddings else 2)
         return total
 
+    def kv_cache_bytes(self, seq_length: int, batch_size: int, bytes_per_value: int = 2) -> int:
+        """Keys and values of every layer for `batch_size` sequences of `seq_length` tokens."""
+        per_token = 2 * self.num_layers * self.num_query_groups * self.head_dim
+        return per_token * seq_length * batch_size * bytes_per_value
+
+    def memory_bytes(self, seq_length: int, batch_size: int, bytes_per_value: int = 2) -> int:
+        """Inference memory: every weight (all experts) plus the KV cache, both in
+        `bytes_per_value` (2 = bf16); activations and framework overhead not counted."""
+        weights = self.num_parameters() * bytes_per_value
+        return weights + self.kv_cache_bytes(seq_length, batch_size, bytes_per_value)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

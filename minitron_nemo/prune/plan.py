@@ -61,7 +61,7 @@ def target_arch(source: ModelArch, targets: Targets, tp: int = 1, pp: int = 1) -
     ):
         raise MinitronError(
             f"prune.ffn_hidden_size: this {source.family} model has no dense MLP layers (every "
-            "layer is MoE); expert count and width are not prune axes yet"
+            "layer is MoE); prune moe_ffn_hidden_size (expert width) instead"
         )
     sizes = {
         axis: getattr(targets, axis)

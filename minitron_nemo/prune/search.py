@@ -30,9 +30,14 @@ from minitron_nemo import atomic
 from minitron_nemo.config import DistillConfig, PruneConfig
 from minitron_nemo.data.datasets import DataSpec
 from minitron_nemo.models.arch import ModelArch
-from minitron_nemo.prune.search_space import count_params, describe, enumerate_candidates
+from minitron_nemo.prune.search_space import MIB, count_params, describe, enumerate_candidates
 
 log = logging.getLogger(__name__)
+
+
+ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+               "num_query_groups", "num_experts", "moe_ffn_hidden_size",
+               "moe_shared_expert_size")  # fmt: skip
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:
@@ -160,7 +165,8 @@ def run_search(
         cands.append({"index": i, "name": describe(arch, source), "dir": d, "arch": arch})
         if not atomic.is_complete(d / "ckpt"):
             layers = choose_layers(source, arch, cfg, imp)
-            plan = select(source, arch, imp["heads"], imp["neurons"], imp["channels"], layers)
+            plan = select(source, arch, imp["heads"], imp["neurons"], imp["channels"], layers,
+                          imp.get("experts"), cfg.expert_score)  # fmt: skip
             shutil.rmtree(d / "ckpt", ignore_errors=True)
             write_pruned_checkpoint(
                 source_ckpt, plan, imp["heads"], cfg.merge_pruned_heads, d / "ckpt", tp=tp, pp=pp
@@ -203,10 +209,12 @@ def run_search(
     rows = [
         {
             "name": c["name"],
-            "arch": {a: getattr(c["arch"], a) for a in ("num_layers", "hidden_size",
-                     "ffn_hidden_size", "num_attention_heads", "num_query_groups")},
+            "arch": {a: getattr(c["arch"], a) for a in ARCH_FIELDS},
             "params": count_params(c["arch"], "total"),
             "non_embedding_params": count_params(c["arch"], "non_embedding"),
+            "active_params": c["arch"].num_parameters(active=True),
+            "memory_mb": c["arch"].memory_bytes(search.memory_seq_length,
+                                                search.memory_batch_size) / MIB,
             "zero_shot_loss": c["zero_shot_loss"],
             "zero_shot_rank": c["zero_shot_rank"],
             "final_loss": c.get("final_loss"),

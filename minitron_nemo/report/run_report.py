@@ -158,19 +158,23 @@ def search_section(found: dict | None) -> list[str]:
     kept ones), the rank correlation and the choice, as markdown lines."""
     if not found:
         return []
-    rows = [
-        "| candidate | layers | hidden | ffn | heads | params | zero-shot loss | rank | "
-        f"loss after {found['steps']} steps | rank |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    moe = any(c["arch"].get("num_experts") for c in found["candidates"])
+    head = "| candidate | layers | hidden | ffn | heads | "
+    head += "experts | expert ffn | params | active | " if moe else "params | "
+    head += f"memory | zero-shot loss | rank | loss after {found['steps']} steps | rank |"
+    rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for c in found["candidates"]:
         a = c["arch"]
         after = f"{c['final_loss']:.4f} | {c['final_rank']}" if c["final_loss"] else "- | -"
-        rows.append(
-            f"| {c['name']} | {a['num_layers']} | {a['hidden_size']} | {a['ffn_hidden_size']} | "
-            f"{a['num_attention_heads']} | {c['params'] / 1e6:.2f}M | "
-            f"{c['zero_shot_loss']:.4f} | {c['zero_shot_rank']} | {after} |"
-        )
+        cells = [c["name"], a["num_layers"], a["hidden_size"], a["ffn_hidden_size"],
+                 a["num_attention_heads"]]  # fmt: skip
+        if moe:
+            cells += [a["num_experts"], a["moe_ffn_hidden_size"], f"{c['params'] / 1e6:.2f}M",
+                      f"{c['active_params'] / 1e6:.2f}M"]  # fmt: skip
+        else:
+            cells.append(f"{c['params'] / 1e6:.2f}M")
+        cells += [f"{c['memory_mb']:,.1f} MiB", f"{c['zero_shot_loss']:.4f}", c["zero_shot_rank"]]
+        rows.append("| " + " | ".join(str(x) for x in cells) + f" | {after} |")
     rho = found["spearman_zero_shot_vs_distilled"]
     cache = found.get("teacher_cache")
     teacher = "the teacher ran in every short distillation."
