@@ -6,9 +6,10 @@ usage: .venv/bin/python bench/kd_throughput.py [--shape smollm2|1.2b|8b] [--seq 
   smollm2: SmolLM2-135M-Instruct (real weights) -> width-pruned student (hidden x0.75, MLP x0.5)
   1.2b:    random Llama-3.2-1B shapes -> random 0.74B student (hidden 1536, MLP 6144)
   8b:      random Llama-3.1-8B shapes -> random Minitron-4B-Width student (hidden 3072, MLP 9216)
-Each loop runs in its own process (peak memory is its own: max RSS on CPU, max allocated on
-GPU); the HF loop runs before and after ours and their mean is the baseline, because the speed
-of a shared machine drifts over a run. Prints one JSON object: tokens/s, MFU, peak memory.
+A rerun with the same arguments reuses the models and data prepared in --work. Each loop runs
+in its own process (peak memory is its own: max RSS on CPU, max allocated on GPU); the HF loop
+runs before and after ours and their mean is the baseline, because the speed of a shared machine
+drifts over a run. Prints one JSON object: tokens/s, MFU, peak memory.
 """
 
 from __future__ import annotations
@@ -112,6 +113,10 @@ def random_token_data(root: Path, vocab: int, args):
     )
     build_indices(spec, ("calibration",))
     return spec
+
+
+PREPARED = ("teacher", "teacher_hf", "student", "student_hf", "prune", "data", "kd")
+"""What `prepare` and the loops write under --work (a rerun with other arguments removes them)."""
 
 
 def prepare(args, work: Path) -> dict:
@@ -243,8 +248,16 @@ def main() -> None:
     from minitron_nemo.models.arch import ModelArch
 
     args.work.mkdir(parents=True, exist_ok=True)
-    paths = prepare(args, args.work)
-    paths_file.write_text(json.dumps(paths))
+    key = {k: getattr(args, k) for k in ("shape", "seq", "mbs", "steps", "dtype")}
+    paths = json.loads(paths_file.read_text()) if paths_file.is_file() else {}
+    if paths.get("key") != key:  # prepared for other arguments (or not at all): again
+        import shutil
+
+        paths_file.unlink(missing_ok=True)
+        for name in PREPARED:
+            shutil.rmtree(args.work / name, ignore_errors=True)
+        paths = {**prepare(args, args.work), "key": key}
+        paths_file.write_text(json.dumps(paths))
 
     def role(name: str) -> dict:
         cmd = [sys.executable, __file__, "--role", name, *sys.argv[1:]]

@@ -136,6 +136,7 @@ class Trainer:
             perform_initialization=init_random,
             fp8=cfg.fp8,
             moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+            wgrad_into_main_grad=True,
             **model_kwargs,
         )
         if not init_random:

@@ -95,9 +95,12 @@ def transformer_config(
     sequence_parallel: bool = False,
     recompute: str = "none",
     moe_aux_loss_coeff: float = 0.0,
+    wgrad_into_main_grad: bool = False,
 ) -> TransformerConfig:
     """megatron TransformerConfig for `arch` with the current parallel state's TP/PP/EP sizes.
 
+    `wgrad_into_main_grad`: the model is trained under megatron DDP (every weight has a
+    main_grad) and, on CPU, its weight gradients are added into main_grad by the GEMM.
     `fused_kernels` (with the TE spec on a GPU) turns on fused RoPE and the fused SwiGLU; off,
     CPU and GPU run the same unfused math. `recompute`: none, selective (core attention) or
     full (every layer)."""
@@ -136,8 +139,10 @@ def transformer_config(
         init_method_std=0.02,
         apply_rope_fusion=fused_kernels,
         bias_activation_fusion=fused_kernels,
-        # These need apex / TE kernels beyond the TE spec itself: off everywhere.
-        gradient_accumulation_fusion=False,
+        # With apex / TE kernels beyond the TE spec itself: off on GPU. On CPU the weight
+        # gradients of a trained model (megatron DDP's main_grad buffers) are accumulated
+        # inside the GEMM (runtime/cpu_compat.py); models without main_grad never reach it.
+        gradient_accumulation_fusion=wgrad_into_main_grad and cpu_compat.installed(),
         persist_layer_norm=False,
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
@@ -174,6 +179,7 @@ def build_model(
     sequence_parallel: bool = False,
     recompute: str = "none",
     moe_aux_loss_coeff: float = 0.0,
+    wgrad_into_main_grad: bool = False,
 ) -> GPTModel:
     """This rank's shard (TP slice, PP stage, EP experts) of the model, on the runtime device."""
     te = resolve_te(use_te, fp8)
@@ -194,6 +200,7 @@ def build_model(
         sequence_parallel=sequence_parallel,
         recompute=recompute,
         moe_aux_loss_coeff=moe_aux_loss_coeff,
+        wgrad_into_main_grad=wgrad_into_main_grad,
     )
     scaling = arch.rope_scaling or {}
     model = GPTModel(
