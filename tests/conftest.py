@@ -11,3 +11,38 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# The shortened default run: distillation and the scratch baseline 24 of their 60 steps, 40
+# questions per benchmark (the full run's numbers are measured in the README).
+SHORTER_DEFAULT_RUN = [
+    "distill.steps=24",
+    "distill.save_every=12",
+    "distill.warmup_steps=3",
+    "eval.limit=40",
+]
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory):
+    """`minitron run recipes/smollm2_135m_cpu.yaml` (README command 1) on the real SmolLM2-135M,
+    every stage, once per session: the slow tests read its converted teacher, prepared data,
+    pruned model and results instead of making their own. Returns (run_dir, completed process)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    run_dir = tmp_path_factory.mktemp("default_run") / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "minitron_nemo.cli", "run", "recipes/smollm2_135m_cpu.yaml",
+         f"run_dir={run_dir}", *SHORTER_DEFAULT_RUN],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=2400,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-5000:]
+    return run_dir, result

@@ -15,7 +15,6 @@ from minitron_nemo.convert.mcore_to_hf import mcore_to_hf
 from minitron_nemo.runtime import distributed
 from minitron_nemo.runtime.forward import forward_logits
 from tests.helpers import (
-    DENSE_FAMILIES,
     MOE_CONFIGS,
     REPO,
     TINY_CONFIGS,
@@ -117,9 +116,12 @@ def test_every_family_round_trips_bit_exact_from_tp1(tiny, tmp_path):
         assert all(torch.equal(exported[k], v) for k, v in original.items()), family
 
 
-# Saving at TP=2 splits every kind of parameter (MoE: experts over expert-TP, shared expert,
-# router and dense layers in one model); the other MoE families add no new split.
-@pytest.mark.parametrize("family", [*DENSE_FAMILIES, "qwen2_moe"])
+# Saving at TP=2 splits every kind of parameter: llama (GQA, rope scaling), tied (tied
+# embeddings), qwen3 (q/k norms), qwen2_moe (qkv bias; experts over expert-TP, shared expert,
+# router and dense layers in one model). mistral and qwen2 add no new split (mistral's tensors
+# are llama's, qwen2's are qwen2_moe's dense ones); loading their TP=1 checkpoints at TP=2
+# (test_logit_parity_multi_rank) splits them with the same rules.
+@pytest.mark.parametrize("family", ["llama", "tied", "qwen3", "qwen2_moe"])
 def test_round_trip_tp2_is_bit_exact(tiny, family, tmp_path):
     """HF -> mcore saved at TP=2 -> HF: every tensor and the config identical; and the export
     equals the one of the checkpoint saved at TP=1."""

@@ -1,6 +1,8 @@
 """SmolLM2-135M pruned in width, a few minutes of distillation on real text: the held-out LM
 loss goes down, and distillation beats the same steps with the LM loss only.
 
+Starts from the shared default run's pruned model, converted teacher and prepared Lee corpus
+(tests/conftest.py: `default_run`; the same prune targets this test used to make itself).
 Measured at this budget (32 steps x 8 x 128 tokens, held-out from the same news corpus):
 LM only 4.68, KD only 4.80, KD + LM (P1's CLM+KLD) 4.59. With ~30k tokens the plain LM loss
 adapts to the corpus faster than logits-only KD, so the test distills with KD + LM: what it
@@ -8,6 +10,7 @@ proves is that the teacher's signal on top of the LM loss beats the LM loss alon
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -16,42 +19,21 @@ import torch
 pytestmark = pytest.mark.slow
 
 
-def test_distillation_recovers_and_beats_lm_only(tmp_path):
-    from minitron_nemo.config import DataConfig, DistillConfig, PruneConfig
-    from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
+def test_distillation_recovers_and_beats_lm_only(default_run, tmp_path):
+    from minitron_nemo.config import DistillConfig
     from minitron_nemo.convert.mcore_to_hf import mcore_to_hf
     from minitron_nemo.data.datasets import heldout_indices, heldout_reader
     from minitron_nemo.data.sources import smollm2_hf_dir
-    from minitron_nemo.data.stage import prepare_data
+    from minitron_nemo.data.stage import load_spec
     from minitron_nemo.distill.train import train
     from minitron_nemo.eval.lm import heldout_loss, load_hf_model
     from minitron_nemo.metrics import read_metrics
-    from minitron_nemo.prune.quality import LEE_SPLIT
-    from minitron_nemo.prune.stage import run_prune
 
-    hf_dir = smollm2_hf_dir()
-    data_cfg = DataConfig(
-        source="gensim:lee_background",
-        split=LEE_SPLIT,
-        seq_length=128,
-        heldout_samples=16,
-        calibration_samples=20,
-    )
-    data = prepare_data(data_cfg, hf_dir, tmp_path / "data", 49152)
-    heldout = heldout_reader(data).read(heldout_indices(data))
-    hf_to_mcore(hf_dir, tmp_path / "teacher")
-    run_prune(
-        tmp_path / "teacher",
-        tmp_path / "prune",
-        PruneConfig(
-            hidden_size=432,
-            ffn_hidden_size=768,
-            depth_scores=False,
-            depth_eval_samples=4,
-            micro_batch_size=4,
-        ),
-        data,
-    )
+    run_dir, _ = default_run
+    data = load_spec(json.loads((run_dir / "data" / "data.json").read_text()), run_dir)
+    data = dataclasses.replace(data, cache_dir=str(tmp_path / "cache"))  # the run stays as is
+    heldout = heldout_reader(data).read(heldout_indices(data)[:16])
+    pruned = run_dir / "prune"
     cfg = dict(
         steps=32,
         global_batch_size=8,
@@ -62,26 +44,16 @@ def test_distillation_recovers_and_beats_lm_only(tmp_path):
         save_every=32,
         kd_chunk_tokens=512,
     )
-    kd = train(
-        tmp_path / "prune" / "ckpt",
-        tmp_path / "kd",
-        DistillConfig(lm_weight=1.0, **cfg),
-        data,
-        tmp_path / "teacher",
-    )
-    lm = train(
-        tmp_path / "prune" / "ckpt",
-        tmp_path / "lm",
-        DistillConfig(mode="lm", **cfg),
-        data,
-    )
+    kd = train(pruned / "ckpt", tmp_path / "kd", DistillConfig(lm_weight=1.0, **cfg), data,
+               run_dir / "teacher")  # fmt: skip
+    lm = train(pruned / "ckpt", tmp_path / "lm", DistillConfig(mode="lm", **cfg), data)
     mcore_to_hf(kd, tmp_path / "kd_hf")
     mcore_to_hf(lm, tmp_path / "lm_hf")
     losses = {
         name: heldout_loss(load_hf_model(path), heldout.split(4))
         for name, path in [
-            ("teacher", hf_dir),
-            ("pruned", tmp_path / "prune" / "hf"),
+            ("teacher", smollm2_hf_dir()),
+            ("pruned", pruned / "hf"),
             ("distilled", tmp_path / "kd_hf"),
             ("lm_only", tmp_path / "lm_hf"),
         ]

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from minitron_nemo.checkpoint import load_model
-from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
 from minitron_nemo.convert.mcore_to_hf import mcore_to_hf
 from minitron_nemo.runtime import distributed
 from minitron_nemo.runtime.forward import forward_logits
@@ -16,15 +15,16 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
+def smollm2(default_run, tmp_path_factory):
+    """The teacher as the shared default run converted it (tests/conftest.py), exported back."""
     from minitron_nemo.data.sources import gensim_text, smollm2_hf_dir
 
+    run_dir, _ = default_run
     root = tmp_path_factory.mktemp("smollm2")
-    hf_dir = smollm2_hf_dir()
-    hf_to_mcore(hf_dir, root / "mcore", tp=1)
-    mcore_to_hf(root / "mcore", root / "hf_out")
+    mcore_to_hf(run_dir / "teacher", root / "hf_out")
     text = gensim_text("lee_background")[:4000]
-    return {"hf": hf_dir, "mcore": root / "mcore", "out": root / "hf_out", "text": text}
+    return {"hf": smollm2_hf_dir(), "mcore": run_dir / "teacher", "out": root / "hf_out",
+            "text": text}  # fmt: skip
 
 
 def test_mcore_logits_match_transformers_on_real_text(smollm2):
