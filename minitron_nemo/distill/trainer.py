@@ -558,12 +558,13 @@ def train_on_rank(
     hooks: TrainHooks | None = None,
     ep: int = 1,
 ) -> None:
-    from minitron_nemo.runtime import distributed
+    from minitron_nemo.runtime import cpu_compat, distributed
 
     with (
         StopRequest() as stop,
         distributed.initialize(tp=tp, pp=pp, seed=cfg.seed, ep=ep) as ctx,
     ):
+        cpu_compat.keep_freed_memory()  # the same large blocks are freed and reused every step
         trainer = Trainer(
             ctx,
             student_ckpt,

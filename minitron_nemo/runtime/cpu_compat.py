@@ -172,7 +172,6 @@ def install() -> None:
     if _INSTALLED or cuda_available():
         return
     _INSTALLED = True
-    _keep_freed_memory()
 
     # Rotary embeddings (every forward), TP gathers (tensor_parallel/mappings.py), pipeline
     # receive buffers (p2p_communication.py), dist-ckpt save and DDP all allocate on
@@ -253,7 +252,7 @@ def install() -> None:
     token_dispatcher.all_to_all = _all_to_all_with_list_splits
 
 
-def _keep_freed_memory() -> None:
+def keep_freed_memory() -> None:
     """Serve every allocation from the heap and never return freed heap memory to the OS.
 
     Not a megatron workaround but a CPU-speed one: glibc maps allocations above 32 MiB (a
@@ -261,7 +260,11 @@ def _keep_freed_memory() -> None:
     time and unmaps them on free, so every step pays the page faults of touching them again
     (measured: 3.1M minor faults in 8 KD steps of bench/kd_throughput.py, 180 tokens/s; with
     this 1.0M and 200 tokens/s; peak RSS +7%). The CUDA caching allocator does the same
-    for GPU memory, so nothing changes there. No-op off glibc."""
+    for GPU memory. Called by the trainer only, not by `install`: a one-shot job (export,
+    conversion, pruning) would keep its peak as resident memory, a training loop reuses it every
+    step. No-op with CUDA or off glibc."""
+    if cuda_available():
+        return
     import ctypes
     import ctypes.util
 
