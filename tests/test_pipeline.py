@@ -51,6 +51,7 @@ def tiny_run(tmp_path_factory):
     text = synthetic_text()
     (root / "corpus.txt").write_text(text)
     make_tiny_teacher_with_tokenizer(root / "teacher_hf", text)
+    (root / "teacher_hf" / "README.md").write_text("---\nlicense: mit\n---\n# tiny teacher\n")
     pipeline = tiny_pipeline(root, root / "run")
     pipeline.run()
     pipeline.root = root
@@ -90,6 +91,25 @@ def test_every_stage_wrote_its_output(tiny_run):
     assert data["view_samples"]["test"] >= 6 and data["view_samples"]["calibration"] >= 12
     # calibration + test (data stage), train views of distill and scratch (same length: shared)
     assert len(list((d / "data" / "cache").glob("*description.txt"))) == 3
+
+
+def test_every_export_carries_a_model_card(tiny_run):
+    """README.md with the hub's metadata (base_model, library, license from the teacher's card,
+    tags), how the model was made and the run's measured numbers, in every HF directory."""
+    from minitron_nemo.report.model_card import front_matter
+
+    d = tiny_run.dir
+    teacher = str(tiny_run.root / "teacher_hf")
+    for rel, row in (("export/student", "distilled"), ("export/scratch", "scratch"),
+                     ("prune/hf", "pruned (no training)")):  # fmt: skip
+        card = (d / rel / "README.md").read_text()
+        meta = front_matter(d / rel / "README.md")
+        assert meta["license"] == "mit" and meta["library_name"] == "transformers", rel
+        assert meta["base_model"] == "teacher_hf" and "minitron-nemo" in meta["tags"], rel
+        assert "## Measured in the run" in card and f"| {row}" in card, rel
+    student = (d / "export" / "student" / "README.md").read_text()
+    assert f"Teacher: `{teacher}`" in student and "hidden_size 64 -> 48" in student
+    assert "Distillation: 6 steps x 4 samples x 32 tokens = 768 tokens" in student
 
 
 def test_report_has_the_table_and_plots(tiny_run):

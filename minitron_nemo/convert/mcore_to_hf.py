@@ -14,6 +14,7 @@ from minitron_nemo.convert.safetensors_io import StreamingSafetensorsWriter
 from minitron_nemo.models.arch import ModelArch
 from minitron_nemo.models.families import family_by_name
 from minitron_nemo.models.families.base import layer_items
+from minitron_nemo.report.model_card import basic_card, write_card
 from minitron_nemo.runtime.diskspace import model_bytes, require_free, translate_disk_full
 
 log = logging.getLogger(__name__)
@@ -98,5 +99,6 @@ def mcore_to_hf(
         write_hf_config(arch, out_dtype, tmp)
         if (ckpt / "tokenizer").is_dir():
             checkpoint.copy_tokenizer(ckpt / "tokenizer", tmp)
+        write_card(tmp, basic_card(arch, str(ckpt)))
     log.info("exported %s -> %s in %.1f s", ckpt, out, time.time() - start)
     return Path(out)

@@ -73,6 +73,44 @@ def training_summary(run_dir: Path, stage: str, seq_length: int) -> dict | None:
     }
 
 
+# export of the run -> (row of the results table, hub tags)
+EXPORTS = {
+    "export/student": ("distilled", ["pruned", "knowledge-distillation"]),
+    "export/scratch": ("scratch (LM, same tokens)", ["baseline"]),
+    "export/teacher_corrected": ("teacher (corrected)", ["teacher-correction"]),
+    "prune/hf": ("pruned (no training)", ["pruned"]),
+}
+
+
+def _write_model_cards(
+    run_dir: Path, teacher: str | None, made: list[str], trainings: dict, seq: int, table: str
+) -> None:
+    """README.md (hub metadata, how it was made, the results table) in every exported HF
+    directory of the run; `made` is the report's teacher / pruning / distillation lines."""
+    from minitron_nemo.report.model_card import run_card, teacher_metadata, write_card
+
+    teacher = teacher or "smollm2"
+    meta = teacher_metadata(teacher, None if teacher == "smollm2" else Path(teacher))
+    pruned = [line for line in made if line.startswith(("Teacher", "Pruned"))]
+    config = _json(run_dir / "distill" / "distill_config.json") or {}
+    if config.get("lm_weight"):
+        made = [*made, f"Loss: KD + {config['lm_weight']} x LM loss."]
+    scratch = trainings.get("scratch")
+    for rel, (row, tags) in EXPORTS.items():
+        hf_dir = run_dir / rel
+        if not hf_dir.is_dir():
+            continue
+        how = made if row == "distilled" else pruned
+        if row.startswith("scratch") and scratch:
+            how = [
+                "The distilled student's architecture from random initialisation, trained with "
+                f"the LM loss on the same {scratch['tokens']:,} tokens: the baseline."
+            ]
+        elif row.startswith("teacher"):
+            how = [f"The teacher `{teacher}` fine-tuned with the LM loss (teacher correction)."]
+        write_card(hf_dir, run_card(meta, row, how, table, run_dir.resolve().name, tags))
+
+
 def write_report(run_dir: Path, out: Path) -> str:
     """Write report.md, results.json and the PNGs of the run in `run_dir` into `out`."""
     run_dir = Path(run_dir)
@@ -144,6 +182,7 @@ def write_report(run_dir: Path, out: Path) -> str:
         "",
     ]
     (out / "report.md").write_text("\n".join(md))
+    _write_model_cards(run_dir, teacher, lines[2:], trainings, seq, table)
     (out / "results.json").write_text(
         json.dumps(
             {"results": results, "seconds": seconds, "tokens": tokens, "trainings": trainings},
