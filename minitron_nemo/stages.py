@@ -233,7 +233,7 @@ class Pipeline:
         p = self.cfg.parallel
         run_prune(
             self.teacher_ckpt, out, self.cfg.prune, self.data_spec(), tp=p.tp, pp=p.pp,
-            distill=self.cfg.distill, dp=p.dp,
+            distill=self.cfg.distill, dp=p.dp, ep=p.ep,
         )  # fmt: skip
 
     def stage_distill(self, out: Path) -> None:

@@ -368,6 +368,32 @@ def test_planted_experts_default_keeps_the_rare_strong_one(planted_moe, tmp_path
     assert (tmp_path / "reap" / "plots" / "experts.png").stat().st_size > 1000
 
 
+@pytest.mark.dist
+def test_expert_importance_at_ep2_equals_ep1(planted_moe, tmp_path):
+    """Calibration at EP=2 (two ranks holding two experts each, each reading half of every
+    calibration micro-batch with its loss scaled by its share) gives the scores of one rank
+    reading every sample: every expert score, the expert neurons, heads (taylor and activation),
+    channels, dense neurons and block importance; the same experts are kept."""
+    from minitron_nemo.config import PruneConfig
+    from minitron_nemo.prune.stage import run_prune
+
+    root, data = planted_moe
+    cfg = PruneConfig(num_moe_experts=2, expert_score="taylor", depth_scores=False,
+                      depth_eval_samples=4, micro_batch_size=4)  # fmt: skip
+    reports = {ep: run_prune(root / "mc", tmp_path / f"ep{ep}", cfg, data, ep=ep) for ep in (1, 2)}
+    imps = {ep: torch.load(tmp_path / f"ep{ep}" / "importance.pt", weights_only=False)
+            for ep in (1, 2)}  # fmt: skip
+    for key in ("heads_activation", "heads_taylor", "neurons", "channels", "block_importance"):
+        torch.testing.assert_close(imps[2][key], imps[1][key], rtol=1e-6, atol=1e-12, msg=key)
+    assert sorted(imps[2]["experts"]) == list(MOE_LAYERS)
+    for layer, scores in imps[1]["experts"].items():
+        assert set(imps[2]["experts"][layer]) == set(scores)
+        for name, value in scores.items():
+            torch.testing.assert_close(imps[2]["experts"][layer][name], value, rtol=1e-6,
+                                       atol=1e-12, msg=f"layer {layer} {name}")  # fmt: skip
+    assert reports[2]["kept_experts"] == reports[1]["kept_experts"]
+
+
 def test_search_in_total_and_active_budgets_prunes_experts_and_their_width(planted_moe, tmp_path):
     """prune.search on the planted MoE (193,024 params, 168,448 active) within 175,000 total
     and 165,000 active: exactly two candidates fit (experts 4 -> 3 or 2 and width 32 -> 24;

@@ -377,7 +377,8 @@ def test_moe_prunes_every_axis_at_tp1_and_tp2(tmp_path, calib):
     dense ffn, depth, expert count (4 -> 3), expert width (32 -> 16) and shared-expert width
     (48 -> 24): the router and every expert follow, the kept layers keep their kind,
     transformers loads the export with the pruned checkpoint's logits, and TP=2 (experts split
-    over expert-TP) gives bitwise the same pruned weights as TP=1."""
+    over expert-TP) and EP=2 (two experts per rank, calibration samples split over the ranks)
+    give bitwise the same pruned weights as TP=1."""
     from transformers import AutoModelForCausalLM
 
     hf = make_tiny_hf("qwen2_moe", tmp_path / "hf", seed=6)
@@ -396,12 +397,14 @@ def test_moe_prunes_every_axis_at_tp1_and_tp2(tmp_path, calib):
         micro_batch_size=2,
     )
     states = {}
-    for tp in (1, 2):
-        report = run_prune(tmp_path / "mc", tmp_path / f"tp{tp}", cfg, calib(), tp=tp)
-        states[tp] = _state(tmp_path / f"tp{tp}" / "hf")
-    assert set(states[1]) == set(states[2])
-    assert all(torch.equal(states[1][k], states[2][k]) for k in states[1])
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tp1" / "hf").eval()
+    for tp, ep in ((1, 1), (2, 1), (1, 2)):
+        report = run_prune(tmp_path / "mc", tmp_path / f"tp{tp}ep{ep}", cfg, calib(), tp=tp, ep=ep)
+        states[tp, ep] = _state(tmp_path / f"tp{tp}ep{ep}" / "hf")
+    for layout in ((2, 1), (1, 2)):
+        assert set(states[layout]) == set(states[1, 1]), layout
+        assert all(torch.equal(states[1, 1][k], states[layout][k]) for k in states[1, 1]), layout
+    states[1] = states[1, 1]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tp1ep1" / "hf").eval()
     moe_kept = [j for j, i in enumerate(report["kept_layers"]) if i != 1]
     assert model.config.mlp_only_layers == [j for j in range(3) if j not in moe_kept]
     assert states[1]["model.layers.0.mlp.experts.2.down_proj.weight"].shape == (48, 16)
@@ -410,7 +413,7 @@ def test_moe_prunes_every_axis_at_tp1_and_tp2(tmp_path, calib):
     assert states[1]["model.layers.0.mlp.shared_expert.up_proj.weight"].shape == (24, 48)
     with torch.no_grad():
         expected = model(TOKENS).logits
-    assert max_rel_err(_logits(tmp_path / "tp1" / "ckpt"), expected) < 1e-5
+    assert max_rel_err(_logits(tmp_path / "tp1ep1" / "ckpt"), expected) < 1e-5
 
 
 def test_moe_targets_that_cannot_apply_are_refused(tmp_path, calib):

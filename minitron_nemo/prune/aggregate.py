@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 
 def reduce_sequence(mag_sbn: torch.Tensor, how: str) -> torch.Tensor:
@@ -34,6 +35,18 @@ class SampleAggregate:
         self.sum += values.sum(0)
         self.sumsq += values.pow(2).sum(0)
         self.count += values.shape[0]
+
+    def all_reduce(self, group) -> None:
+        """Merge the samples seen by every rank of `group` (data-parallel ranks reading different
+        calibration samples): sums, sums of squares and counts add up."""
+        assert self.sum is not None and self.sumsq is not None, "no samples were seen"
+        packed = torch.cat([self.sum.flatten(), self.sumsq.flatten(),
+                            torch.tensor([float(self.count)], dtype=torch.double)])  # fmt: skip
+        dist.all_reduce(packed, group=group)
+        n = self.sum.numel()
+        self.sum = packed[:n].view_as(self.sum)
+        self.sumsq = packed[n : 2 * n].view_as(self.sumsq)
+        self.count = int(round(packed[-1].item()))
 
     def result(self) -> torch.Tensor:
         assert self.sum is not None and self.sumsq is not None, "no samples were seen"

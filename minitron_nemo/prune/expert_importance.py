@@ -1,7 +1,7 @@
 """Importance of the routed experts of MoE layers, their neurons and the shared expert's neurons.
 
 Hooks on each local expert module of megatron's `SequentialMLP` see exactly the tokens routed to
-that expert (on CPU and in the prune stage, experts are not split over EP ranks) with their gate
+that expert (with expert parallelism: from every EP rank's calibration samples) with their gate
 values; megatron multiplies the gate value p into the expert's intermediate activation
 (`MLP.forward(..., per_token_scale=p)`), so the expert module's output is p * y, y the expert's
 own output. Per expert e of a layer, over the calibration tokens:
@@ -19,6 +19,12 @@ own output. Per expert e of a layer, over the calibration tokens:
 With expert tensor parallelism each rank's expert output is a partial sum: it is all-reduced over
 the expert-TP group before its norm (scores then agree on every rank); neuron scores are each
 rank's own slice, concatenated in rank order when gathered.
+
+With data / expert parallelism (the ranks read different calibration samples, `merge_ranks`):
+router token counts and the shared expert's aggregates add up over the data-parallel group; a
+local expert's statistics add up over its expert-data-parallel replicas (none when ep = dp);
+each EP rank's experts are its own slice of the layer's, concatenated in EP-rank order when
+gathered.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ class ExpertCollector:
         self.handles = []
         etp = parallel_state.get_expert_tensor_parallel_world_size()
         self.etp_group = parallel_state.get_expert_tensor_parallel_group() if etp > 1 else None
+        self.dp = parallel_state.get_data_parallel_world_size()
+        self.edp = parallel_state.get_expert_data_parallel_world_size()
         for layer in model.decoder.layers:
             experts = getattr(layer.mlp, "experts", None)
             if experts is None:
@@ -108,6 +116,25 @@ class ExpertCollector:
         for handle in self.handles:
             handle.remove()
 
+    def merge_ranks(self) -> None:
+        """Add up what the data-parallel ranks saw (see the module docstring); every rank of the
+        model's grid calls it (collectives), after the last calibration step."""
+        if self.dp > 1:
+            group = parallel_state.get_data_parallel_group()
+            for g in sorted(self.stats):
+                tokens = torch.tensor([float(self.tokens[g])], dtype=torch.double)
+                dist.all_reduce(tokens, group=group)
+                self.tokens[g] = int(round(tokens.item()))
+            for g in sorted(self.shared):
+                self.shared[g].all_reduce(group)
+        if self.edp > 1:
+            group = parallel_state.get_expert_data_parallel_group()
+            for g in sorted(self.stats):
+                for key in ("count", "mass", "norm_sum", "taylor_sum", "neurons_sq"):
+                    dist.all_reduce(self.stats[g][key], group=group)
+                # taylor is a mean over micro-batches: each replica ran as many as this rank
+                self.stats[g]["batches"] *= self.edp
+
     def local_scores(self) -> dict[int, dict[str, torch.Tensor]]:
         out = {}
         for g, s in self.stats.items():
@@ -128,11 +155,22 @@ class ExpertCollector:
 
 # Entries split over (expert) TP ranks along their last axis; the others are equal on every rank.
 TP_SPLIT = ("neurons", "shared_neurons")
+# Entries with one row per expert (split over EP ranks); the shared expert's are on every EP rank.
+PER_EXPERT = ("frequency", "router_mass", "reap", "taylor", "neurons")
 
 
 def join_tp(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """One layer's expert scores from its TP ranks' (in rank order)."""
     return {
         key: torch.cat([s[key] for s in shards], dim=-1) if key in TP_SPLIT else shards[0][key]
+        for key in shards[0]
+    }
+
+
+def join_ep(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One layer's expert scores from its EP ranks' (in rank order, each TP-joined): the
+    per-expert rows concatenated, the shared expert's taken from the first."""
+    return {
+        key: torch.cat([s[key] for s in shards], dim=0) if key in PER_EXPERT else shards[0][key]
         for key in shards[0]
     }

@@ -16,12 +16,17 @@ Forward hooks on this rank's layers record, per calibration sample, one magnitud
 - layer: block importance 1 - cos(x_in, x_out) per token.
 Magnitudes are reduced over the sequence first (`seq`), then over samples (`batch`), each with
 `mean`, `l2` or `var` (default batch L2, sequence mean: P1 Table 13's best).
+With data-parallel ranks (expert parallelism: the calibration runs on tp x pp x ep ranks) each
+calibration step's micro-batch is split over the ranks, each rank's loss is scaled by its share
+of the step's samples (the gradients are then the whole step's) and the per-sample aggregates
+are added up over the data-parallel group before they are gathered: the scores equal those of
+one rank reading every sample.
 Shapes: s = sequence, b = micro-batch, n = heads on this rank, d = head dim.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -31,7 +36,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 
 from minitron_nemo.prune.aggregate import SampleAggregate, reduce_sequence
-from minitron_nemo.prune.expert_importance import ExpertCollector, join_tp
+from minitron_nemo.prune.expert_importance import ExpertCollector, join_ep, join_tp
 
 
 @dataclass
@@ -134,6 +139,22 @@ class ImportanceCollector:
             handle.remove()
         self.experts.remove()
 
+    def merge_ranks(self) -> None:
+        """Add up the samples every data-parallel rank saw (collectives: every rank calls it)."""
+        self.experts.merge_ranks()
+        if parallel_state.get_data_parallel_world_size() == 1:
+            return
+        group = parallel_state.get_data_parallel_group()
+        for g in sorted(self.heads):
+            aggregates = [self.heads[g], *self.channels[g]]
+            aggregates += [self.taylor[g]] if self.want_taylor else []
+            aggregates += [self.neurons[g]] if self.neurons[g] is not None else []
+            for aggregate in aggregates:
+                aggregate.all_reduce(group)
+            cos = torch.tensor([self.cos_sum[g], float(self.cos_count[g])], dtype=torch.double)
+            dist.all_reduce(cos, group=group)
+            self.cos_sum[g], self.cos_count[g] = cos[0].item(), int(round(cos[1].item()))
+
     def local_scores(self) -> dict[int, dict[str, torch.Tensor]]:
         experts = self.experts.local_scores()
         return {
@@ -157,14 +178,22 @@ def gather_scores(
     local: dict[int, dict[str, torch.Tensor]], num_layers: int
 ) -> dict[str, torch.Tensor]:
     """Join every rank's per-layer scores: TP shards concatenated in rank order, PP stages
-    united. Returns [L, ...] tensors, identical on every rank."""
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    united, experts concatenated in EP-rank order (data-parallel ranks hold the same merged
+    scores). Returns [L, ...] tensors, identical on every rank."""
+    ranks = (
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_expert_model_parallel_rank(),
+        parallel_state.get_expert_tensor_parallel_rank(),
+    )
     gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (tp_rank, local))
+    dist.all_gather_object(gathered, (ranks, local))
     by_layer: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
-    for rank_tp, scores in gathered:
+    expert_shards: dict[int, dict[tuple[int, int], dict[str, torch.Tensor]]] = {}
+    for (rank_tp, rank_ep, rank_etp), scores in gathered:
         for g, entry in scores.items():
             by_layer.setdefault(g, {})[rank_tp] = entry
+            if "experts" in entry:
+                expert_shards.setdefault(g, {})[(rank_ep, rank_etp)] = entry["experts"]
     if sorted(by_layer) != list(range(num_layers)):
         raise RuntimeError(
             f"importance gathered for layers {sorted(by_layer)}, not 0..{num_layers - 1}"
@@ -175,14 +204,37 @@ def gather_scores(
     experts = {}
     for g in range(num_layers):
         shards = [by_layer[g][r] for r in sorted(by_layer[g])]
-        if "experts" in shards[0]:
-            experts[g] = join_tp([s["experts"] for s in shards])
+        if g in expert_shards:
+            per_ep: dict[int, list] = {}
+            for (rank_ep, _), entry in sorted(expert_shards[g].items()):
+                per_ep.setdefault(rank_ep, []).append(entry)
+            experts[g] = join_ep([join_tp(per_ep[r]) for r in sorted(per_ep)])
         out["heads"].append(torch.cat([s["heads"] for s in shards]))
         out["taylor"].append(torch.cat([s["taylor"] for s in shards]))
         out["neurons"].append(torch.cat([s["neurons"] for s in shards]))
         out["channels"].append(shards[0]["channels"])  # replicated across TP
         out["bi"].append(shards[0]["bi"])
     return {**{k: torch.stack(v) for k, v in out.items()}, "experts": experts or None}
+
+
+def rank_steps(
+    indices: Sequence[int], micro_batch_size: int, dp: int, dp_rank: int
+) -> list[tuple[list[int], float]]:
+    """The calibration steps of data-parallel rank `dp_rank` of `dp`: each step is the next
+    `micro_batch_size` samples split over the ranks (a last step with fewer samples than ranks
+    joins the one before); per step, this rank's sample indices and their fraction of the
+    step's samples."""
+    steps = [list(indices[i : i + micro_batch_size])
+             for i in range(0, len(indices), micro_batch_size)]  # fmt: skip
+    if len(steps) > 1 and len(steps[-1]) < dp:
+        steps[-2] += steps.pop()
+    out = []
+    for step in steps:
+        if len(step) < dp:
+            raise ValueError(f"{len(step)} calibration samples cannot be split over {dp} ranks")
+        share = [int(i) for i in torch.tensor(step).tensor_split(dp)[dp_rank]]
+        out.append((share, len(share) / len(step)))
+    return out
 
 
 def collect_importance(
@@ -197,9 +249,12 @@ def collect_importance(
     head_score: str = "taylor",
     vocab_size: int | None = None,
     expert_taylor: bool = False,
+    loss_scales: Iterable[float] | None = None,
 ) -> Importance:
     """Run calibration micro-batches [b, s+1] (read one at a time) through the model (and back,
-    for the taylor head score) and return the gathered importance."""
+    for the taylor head score) and return the gathered importance. With data-parallel ranks,
+    `batches` are this rank's shares of the calibration steps and `loss_scales` their fractions
+    of each step's samples (`rank_steps`)."""
     from minitron_nemo.runtime.forward import run_forward, run_loss_backward
     from minitron_nemo.runtime.progress import Progress
 
@@ -209,17 +264,20 @@ def collect_importance(
     taylor = head_score == "taylor" or expert_taylor
     collector = ImportanceCollector(model, seq=seq, batch=batch, taylor=taylor)
     bar = Progress(total=num_samples * seq_length, desc="calibration", unit="tok", enabled=progress)
+    scales = iter(loss_scales) if loss_scales is not None else None
     try:
         for chunk in batches:
+            scale = next(scales) if scales is not None else 1.0
             if taylor:
                 assert vocab_size is not None
-                run_loss_backward(model, [chunk.to(device)], vocab_size)
+                run_loss_backward(model, [chunk.to(device)], vocab_size, loss_scale=scale)
             else:
                 run_forward(model, [chunk.to(device)], lambda out, _b: None)
-            bar.update(chunk.shape[0] * seq_length)
+            bar.update(round(chunk.shape[0] / scale) * seq_length)
     finally:
         collector.remove()
         bar.close()
+    collector.merge_ranks()
     scores = gather_scores(collector.local_scores(), num_layers)
     return Importance(
         heads=scores["taylor"] if head_score == "taylor" else scores["heads"],

@@ -97,7 +97,7 @@ def _teacher_cache(
 
 def _short_distillation(
     cand: dict, short: DistillConfig, data: DataSpec, teacher_ckpt: Path | None, work: Path,
-    tp: int, pp: int, dp: int, hooks,
+    tp: int, pp: int, dp: int, hooks, ep: int = 1,
 ) -> dict:  # fmt: skip
     """Distill one candidate (resuming its own checkpoints) and score every checkpoint on the
     held-out split; scored checkpoints but the last are deleted (curve.json keeps their loss),
@@ -108,7 +108,7 @@ def _short_distillation(
 
     d = cand["dir"]
     train(d / "ckpt", d / "distill", short, data, teacher_ckpt, tp=tp, pp=pp, dp=dp,
-          resume=True, hooks=hooks)  # fmt: skip
+          resume=True, hooks=hooks, ep=ep)  # fmt: skip
     curve = {int(k): v for k, v in (atomic.read_json(d / "curve.json") or {}).items()}
     steps = complete_steps(d / "distill" / "checkpoints")
     todo = {str(step): path for step, path in steps if step not in curve}
@@ -138,6 +138,7 @@ def run_search(
     pp: int = 1,
     dp: int = 1,
     hooks=None,
+    ep: int = 1,
 ) -> dict:
     """Run (or resume) the search in `work`; returns the report with the winner's directory.
     `imp` is the importance file at `imp_path` as the prune stage loaded it (with the head score
@@ -199,7 +200,7 @@ def run_search(
     for c in kept:
         result = atomic.read_json(c["dir"] / "result.json")
         if result is None:
-            result = _short_distillation(c, short, data, short_teacher, work, tp, pp, dp, hooks)
+            result = _short_distillation(c, short, data, short_teacher, work, tp, pp, dp, hooks, ep)
         c["curve"], c["final_loss"] = result["curve"], result["final_loss"]
     by_final = sorted(kept, key=lambda c: (c["final_loss"], c["zero_shot_rank"]))
     for rank, c in enumerate(by_final, 1):

@@ -29,7 +29,7 @@ from minitron_nemo.data.datasets import DataSpec, build_indices, calibration_ind
 from minitron_nemo.errors import MinitronError
 from minitron_nemo.models.arch import ModelArch
 from minitron_nemo.prune import depth
-from minitron_nemo.prune.importance import collect_importance
+from minitron_nemo.prune.importance import collect_importance, rank_steps
 from minitron_nemo.prune.search_space import enumerate_candidates, plan_architecture
 from minitron_nemo.prune.select import PrunePlan, select
 from minitron_nemo.prune.shard_slice import write_pruned_checkpoint
@@ -53,18 +53,26 @@ def _calibrate_on_rank(
     want_skip: bool,
     previous: dict | None,
     out_path: Path,
+    ep: int = 1,
 ) -> None:
+    from megatron.core import parallel_state
+
     from minitron_nemo.data.datasets import calibration_reader
     from minitron_nemo.runtime import distributed
 
-    with distributed.initialize(tp=tp, pp=pp) as ctx:
+    with distributed.initialize(tp=tp, pp=pp, ep=ep) as ctx:
         model, arch = checkpoint.load_model(ckpt, use_te=False)
         reader = calibration_reader(data)
         if want_width:
             start = time.time()
+            # with expert parallelism (ep data-parallel ranks) each rank reads its share of
+            # every calibration step; the depth scores below run the same samples on every rank
+            steps = rank_steps(width_indices, cfg.micro_batch_size,
+                               parallel_state.get_data_parallel_world_size(),
+                               parallel_state.get_data_parallel_rank())  # fmt: skip
             imp = collect_importance(
                 model,
-                reader.batches(width_indices, cfg.micro_batch_size),
+                (reader.read(share) for share, _ in steps),
                 len(width_indices),
                 data.seq_length,
                 arch.num_layers,
@@ -73,6 +81,7 @@ def _calibrate_on_rank(
                 head_score=cfg.head_score,
                 expert_taylor=arch.is_moe and cfg.expert_score == "taylor",
                 vocab_size=arch.vocab_size,
+                loss_scales=[fraction for _, fraction in steps],
             )
             imp_state = imp.to_state()
             imp_state["calibration_seconds"] = time.time() - start
@@ -148,6 +157,7 @@ def run_prune(
     distill: DistillConfig | None = None,
     dp: int = 1,
     hooks=None,
+    ep: int = 1,
 ) -> dict:
     """Prune the checkpoint `ckpt` into `out`, calibrating on `data.calibration_samples`
     random samples of the train split (the first `depth_eval_samples` of them score depth).
@@ -157,7 +167,8 @@ def run_prune(
     written to `out`."""
     checkpoint.require_checkpoint(ckpt)
     source = ModelArch.load(ckpt / "arch.yaml")
-    source.check_parallel(tp, pp)
+    ep = ep if source.is_moe else 1  # a dense model calibrates on tp x pp ranks
+    source.check_parallel(tp, pp, ep)
     arch, how = plan_architecture(source, cfg, tp, pp)
     drops = {source.num_layers - arch.num_layers}
     if cfg.search is not None:
@@ -175,6 +186,11 @@ def run_prune(
             f"calibration set (data.calibration_samples = {len(calib)})"
         )
     depth_indices, width_indices = calib[: cfg.depth_eval_samples], calib[cfg.depth_eval_samples :]
+    if cfg.micro_batch_size < ep:
+        raise MinitronError(
+            f"prune.micro_batch_size ({cfg.micro_batch_size}) must be at least parallel.ep "
+            f"({ep}): each calibration micro-batch is split over the expert-parallel ranks"
+        )
     started = time.time()
     with atomic.atomic_directory(out, force=force) as tmp:
         imp_path = tmp / "importance.pt"
@@ -202,7 +218,7 @@ def run_prune(
         if previous is None or block_sizes or want_skip:
             run_on_ranks(
                 _calibrate_on_rank,
-                tp * pp,
+                tp * pp * ep,
                 ckpt,
                 data,
                 width_indices,
@@ -215,6 +231,7 @@ def run_prune(
                 want_skip,
                 previous,
                 imp_path,
+                ep,
             )
         else:
             torch.save(previous, imp_path)
@@ -237,6 +254,7 @@ def run_prune(
                 pp=pp,
                 dp=dp,
                 hooks=hooks,
+                ep=ep,
             )
             how = {**how, "search": found}
             arch = ModelArch.load(Path(found["chosen_dir"]) / "ckpt" / "arch.yaml")

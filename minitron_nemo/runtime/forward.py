@@ -89,11 +89,14 @@ def run_forward(
 
 
 def run_loss_backward(
-    model: torch.nn.Module, microbatches: Sequence[torch.Tensor], vocab_size: int
+    model: torch.nn.Module,
+    microbatches: Sequence[torch.Tensor],
+    vocab_size: int,
+    loss_scale: float = 1.0,
 ) -> None:
-    """Forward and backward of the mean next-token loss of each micro-batch [b, s+1] through
-    the pipeline, parameters frozen: only activation gradients flow (read them with tensor
-    hooks, e.g. the taylor head importance). Eval mode (no dropout)."""
+    """Forward and backward of the mean next-token loss of each micro-batch [b, s+1] (times
+    `loss_scale`) through the pipeline, parameters frozen: only activation gradients flow (read
+    them with tensor hooks, e.g. the taylor head importance). Eval mode (no dropout)."""
     from contextlib import ExitStack
 
     model.eval()
@@ -111,7 +114,7 @@ def run_loss_backward(
 
         def mean_loss(batch):
             def loss(logits_bsv):
-                value = token_losses(logits_bsv, batch[:, 1:], vocab_size).mean()
+                value = token_losses(logits_bsv, batch[:, 1:], vocab_size).mean() * loss_scale
                 return value, {"loss": value.detach()}
 
             return loss
