@@ -252,7 +252,9 @@ def main() -> None:
     plan += [(v, b, 1e-3) for v in args.variants if v != "scratch" for b in budgets]
     results: dict[tuple[str, int, float], dict] = {}
     total = len(plan) + (len(scratch_budgets) - 1 if "scratch" in args.variants else 0)
-    left_tokens = [sum(t for _, t, _ in plan) + sum(scratch_budgets) - mid]
+    left_tokens = [sum(t for _, t, _ in plan)]
+    if "scratch" in args.variants:
+        left_tokens[0] += sum(scratch_budgets) - mid
 
     def point(variant: str, tokens: int, lr: float) -> dict:
         student, mode, lm_weight, label = VARIANTS[variant]
