@@ -137,13 +137,15 @@ def run_point(out: Path, run_dir: Path, spec, mode: str, lm_weight: float, token
               lr: float, batches: list) -> dict:  # fmt: skip
     """Train one point into `out` (resumable) and measure its held-out loss; result.json marks
     it complete, after which its checkpoints are deleted (only the numbers are kept)."""
+    from minitron_nemo import atomic
     from minitron_nemo.config import DistillConfig
     from minitron_nemo.convert.mcore_to_hf import mcore_to_hf
     from minitron_nemo.distill.train import train
 
     result_file = out / "result.json"
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
+    done = atomic.read_json(result_file)
+    if done is not None:
+        return done
     steps = max(1, round(tokens / (SEQ * BATCH)))
     cfg = DistillConfig(
         mode=mode, lm_weight=lm_weight, steps=steps, global_batch_size=BATCH,
@@ -162,9 +164,7 @@ def run_point(out: Path, run_dir: Path, spec, mode: str, lm_weight: float, token
         "heldout_loss": hf_loss(out / "hf", batches),
         "train_seconds": time.time() - start,
     }
-    tmp = out / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(result_file)
+    atomic.write_json(result_file, result)
     shutil.rmtree(out / "hf")
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return result

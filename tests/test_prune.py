@@ -403,14 +403,13 @@ def test_moe_prunes_every_axis_at_tp1_and_tp2(tmp_path, calib):
     for layout in ((2, 1), (1, 2)):
         assert set(states[layout]) == set(states[1, 1]), layout
         assert all(torch.equal(states[1, 1][k], states[layout][k]) for k in states[1, 1]), layout
-    states[1] = states[1, 1]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "tp1ep1" / "hf").eval()
     moe_kept = [j for j, i in enumerate(report["kept_layers"]) if i != 1]
     assert model.config.mlp_only_layers == [j for j in range(3) if j not in moe_kept]
-    assert states[1]["model.layers.0.mlp.experts.2.down_proj.weight"].shape == (48, 16)
-    assert "model.layers.0.mlp.experts.3.down_proj.weight" not in states[1]
-    assert states[1]["model.layers.0.mlp.gate.weight"].shape == (3, 48)
-    assert states[1]["model.layers.0.mlp.shared_expert.up_proj.weight"].shape == (24, 48)
+    assert states[1, 1]["model.layers.0.mlp.experts.2.down_proj.weight"].shape == (48, 16)
+    assert "model.layers.0.mlp.experts.3.down_proj.weight" not in states[1, 1]
+    assert states[1, 1]["model.layers.0.mlp.gate.weight"].shape == (3, 48)
+    assert states[1, 1]["model.layers.0.mlp.shared_expert.up_proj.weight"].shape == (24, 48)
     with torch.no_grad():
         expected = model(TOKENS).logits
     assert max_rel_err(_logits(tmp_path / "tp1ep1" / "ckpt"), expected) < 1e-5

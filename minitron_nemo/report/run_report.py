@@ -83,7 +83,7 @@ EXPORTS = {
 
 
 def _write_model_cards(
-    run_dir: Path, teacher: str | None, made: list[str], trainings: dict, seq: int, table: str
+    run_dir: Path, teacher: str | None, made: list[str], trainings: dict, table: str
 ) -> None:
     """README.md (hub metadata, how it was made, the results table) in every exported HF
     directory of the run; `made` is the report's teacher / pruning / distillation lines."""
@@ -182,7 +182,7 @@ def write_report(run_dir: Path, out: Path) -> str:
         "",
     ]
     (out / "report.md").write_text("\n".join(md))
-    _write_model_cards(run_dir, teacher, lines[2:], trainings, seq, table)
+    _write_model_cards(run_dir, teacher, lines[2:], trainings, table)
     (out / "results.json").write_text(
         json.dumps(
             {"results": results, "seconds": seconds, "tokens": tokens, "trainings": trainings},
