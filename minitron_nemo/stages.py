@@ -296,6 +296,7 @@ class Pipeline:
                 p.tp,
                 p.pp,
                 p.dp,
+                p.ep,
             )
             for name, entry in results.items():
                 log.info("eval %s: held-out loss %.3f", name, entry["heldout_loss"])
@@ -309,8 +310,9 @@ class Pipeline:
 
                 fetch_task_data(list(e.tasks), e.mmlu_subjects, download=False)
                 names = write_task_configs(tmp / "tasks", list(e.tasks), e.mmlu_subjects)
+                skip = set() if e.benchmark_pruned else {"pruned (no training)"}
                 for name, (_ckpt, hf_dir) in models.items():
-                    if hf_dir is not None:
+                    if hf_dir is not None and name not in skip:
                         results[name]["tasks"] = run_benchmarks(
                             hf_dir, tmp / "tasks", names, e.limit, e.batch_size, e.device
                         )

@@ -160,14 +160,21 @@ def test_complete_stages_are_skipped_and_from_reruns(tiny_run, tmp_path):
 
 def test_changing_eval_reruns_only_eval_and_report(tiny_run, tmp_path):
     run_dir = copy_of(tiny_run, tmp_path / "run")
-    pipeline = tiny_pipeline(tiny_run.root, run_dir, "eval.limit=2")
+    pipeline = tiny_pipeline(tiny_run.root, run_dir, "eval.limit=2", "eval.benchmark_pruned=false")
     plan = pipeline.plan()
     assert {s for s, (action, _) in plan.items() if action != "skip"} == {"eval", "report"}
-    assert plan["eval"][1] == "eval.limit 3 -> 2"
+    assert plan["eval"][1] == "eval.benchmark_pruned true -> false, eval.limit 3 -> 2"
     before = _mtimes(run_dir)
     pipeline.run()
     after = _mtimes(run_dir)
     assert {s for s in before if before[s] != after[s]} == {"eval", "report"}
+    # benchmark_pruned=false: the pruned model keeps its held-out loss, loses its benchmarks.
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert results["pruned (no training)"]["tasks"] == {}
+    assert "heldout_loss" in results["pruned (no training)"]
+    assert results["distilled"]["tasks"]["arc_easy"]["n"] == 2
+    old = json.loads((tiny_run.dir / "eval" / "results.json").read_text())
+    assert old["pruned (no training)"]["tasks"]["arc_easy"]["n"] == 3
 
 
 def test_changing_a_prune_target_reruns_prune_and_everything_after(tiny_run, tmp_path, caplog):
