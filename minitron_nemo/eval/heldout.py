@@ -1,10 +1,13 @@
 """Held-out LM loss / perplexity of megatron checkpoints, computed by megatron-core on the run's
-ranks (TP x PP x DP, GPU when present), batched.
+ranks (TP x PP x DP, experts split over EP of the DP ranks; GPU when present), batched.
 
 Every rank reads its data-parallel share of the test view's micro-batches itself (ranks receive
 paths); the pipeline schedule runs them forward; summed token losses and counts are all-reduced
 over pipeline and data-parallel ranks. Several models are evaluated in one launch, one after the
-other, each loaded at the run's TP/PP from a checkpoint saved at any TP/PP.
+other, each loaded at the run's TP/PP/EP from a checkpoint saved at any TP/PP/EP. With EP > 1
+every MoE layer exchanges tokens with the other ranks of its expert group, so every rank runs
+the same number of forwards: a rank with fewer micro-batches than the others repeats its first
+one and does not count it.
 """
 
 from __future__ import annotations
@@ -20,8 +23,25 @@ from minitron_nemo.data.datasets import DataSpec
 from minitron_nemo.runtime.launch import run_on_ranks
 
 
+def _same_shape_runs(batches: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Consecutive micro-batches of one shape (the schedule wants one shape per call)."""
+    runs: list[list[torch.Tensor]] = []
+    for batch in batches:
+        if runs and runs[-1][0].shape == batch.shape:
+            runs[-1].append(batch)
+        else:
+            runs.append([batch])
+    return runs
+
+
 def _heldout_on_rank(
-    models: dict[str, str], data: DataSpec, micro_batch: int, tp: int, pp: int, out: Path
+    models: dict[str, str],
+    data: DataSpec,
+    micro_batch: int,
+    tp: int,
+    pp: int,
+    ep: int,
+    out: Path,
 ) -> None:
     from megatron.core import parallel_state
 
@@ -30,28 +50,30 @@ def _heldout_on_rank(
     from minitron_nemo.runtime import distributed
     from minitron_nemo.runtime.forward import run_forward, token_losses
 
-    with distributed.initialize(tp=tp, pp=pp) as ctx:
+    with distributed.initialize(tp=tp, pp=pp, ep=ep) as ctx:
         reader = heldout_reader(data)
         indices = heldout_indices(data)
-        mine = [indices[i : i + micro_batch] for i in range(0, len(indices), micro_batch)]
-        mine = mine[ctx.dp_rank :: ctx.dp]
+        chunks = [indices[i : i + micro_batch] for i in range(0, len(indices), micro_batch)]
+        mine = chunks[ctx.dp_rank :: ctx.dp]
+        rounds = -(-len(chunks) // ctx.dp) if ep > 1 else len(mine)
+        counted = [True] * len(mine) + [False] * (rounds - len(mine))
+        mine += [chunks[0]] * (rounds - len(mine))
         results = {}
         for name, ckpt in models.items():
             model, arch = checkpoint.load_model(Path(ckpt))
             total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
 
-            def on_output(logits_bsv, batch, arch=arch):
+            weights = iter(counted)  # the last stage sees the outputs in micro-batch order
+
+            def on_output(logits_bsv, batch, arch=arch, weights=weights):
                 losses = token_losses(logits_bsv, batch[:, 1:], arch.vocab_size)
                 count = torch.tensor(float(losses.numel()), dtype=torch.float64)
-                return torch.stack([losses.sum().double(), count.to(losses.device)])
+                pair = torch.stack([losses.sum().double(), count.to(losses.device)])
+                return pair if next(weights) else torch.zeros_like(pair)
 
-            # The schedule wants micro-batches of one shape: a short last one runs alone.
             batches = [reader.read(b).to(ctx.device) for b in mine]
-            groups = [batches]
-            if len(batches) > 1 and batches[-1].shape != batches[0].shape:
-                groups = [batches[:-1], batches[-1:]]
-            for group in groups:
-                for out_pair in run_forward(model, group, on_output) if group else []:
+            for group in _same_shape_runs(batches):
+                for out_pair in run_forward(model, group, on_output):
                     total += out_pair.to(total)
             for group_handle in (
                 parallel_state.get_pipeline_model_parallel_group() if ctx.pp > 1 else None,
@@ -79,6 +101,7 @@ def heldout_losses(
     tp: int = 1,
     pp: int = 1,
     dp: int = 1,
+    ep: int = 1,
 ) -> dict[str, dict]:
     """{model: heldout_loss, heldout_ppl, heldout_tokens, params} for megatron checkpoints."""
     from minitron_nemo.data.datasets import build_indices
@@ -92,6 +115,7 @@ def heldout_losses(
         micro_batch,
         tp,
         pp,
+        ep,
         out,
     )
     return json.loads(out.read_text())

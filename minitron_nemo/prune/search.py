@@ -81,7 +81,7 @@ def search_distill_config(distill: DistillConfig, search) -> DistillConfig:
 
 def _teacher_cache(
     teacher_ckpt: Path, short: DistillConfig, search, data: DataSpec, work: Path,
-    tp: int, pp: int, dp: int,
+    tp: int, pp: int, dp: int, ep: int = 1,
 ) -> dict:  # fmt: skip
     """Build (or finish) the cache of the short distillations' samples; its size and time."""
     import time
@@ -90,8 +90,9 @@ def _teacher_cache(
 
     start = time.perf_counter()
     cache = build_for_distillation(
-        teacher_ckpt, short, data, work / "teacher_cache", search.teacher_cache_dtype, tp, pp, dp
-    )
+        teacher_ckpt, short, data, work / "teacher_cache", search.teacher_cache_dtype, tp, pp, dp,
+        ep,
+    )  # fmt: skip
     return {**summary(cache), "seconds": time.perf_counter() - start}
 
 
@@ -113,7 +114,7 @@ def _short_distillation(
     steps = complete_steps(d / "distill" / "checkpoints")
     todo = {str(step): path for step, path in steps if step not in curve}
     if todo:
-        scored = heldout_losses(todo, data, work / ".curve.json", tp=tp, pp=pp, dp=dp)
+        scored = heldout_losses(todo, data, work / ".curve.json", tp=tp, pp=pp, dp=dp, ep=ep)
         curve.update({int(k): v["heldout_loss"] for k, v in scored.items()})
         atomic.write_json(d / "curve.json", {str(k): v for k, v in curve.items()})
     for _, path in steps[:-1]:
@@ -177,7 +178,7 @@ def run_search(
         c["name"]: c["dir"] / "ckpt" for c in cands if not (c["dir"] / "zero_shot.json").exists()
     }
     if todo:
-        scored = heldout_losses(todo, data, work / ".zero_shot.json", tp=tp, pp=pp, dp=dp)
+        scored = heldout_losses(todo, data, work / ".zero_shot.json", tp=tp, pp=pp, dp=dp, ep=ep)
         for c in cands:
             if c["name"] in scored:
                 atomic.write_json(c["dir"] / "zero_shot.json", scored[c["name"]])
@@ -193,7 +194,7 @@ def run_search(
     short_teacher, cache_info = teacher_ckpt, atomic.read_json(work / "teacher_cache.json")
     if search.teacher_cache_k is not None:
         if todo_distill and cache_info is None:
-            cache_info = _teacher_cache(teacher_ckpt, short, search, data, work, tp, pp, dp)
+            cache_info = _teacher_cache(teacher_ckpt, short, search, data, work, tp, pp, dp, ep)
             atomic.write_json(work / "teacher_cache.json", cache_info)
         short = dataclasses.replace(short, teacher_cache=str(work / "teacher_cache"))
         short_teacher = None
