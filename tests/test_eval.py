@@ -90,3 +90,24 @@ def test_lm_eval_on_smollm2_arc_easy_and_mmlu(tmp_path):
     print(json.dumps(mmlu["mmlu"]))
     assert mmlu["mmlu"]["n"] == 60 and 0 <= mmlu["mmlu"]["acc"] <= 1
     assert all(f"mmlu_{s}" in mmlu for s in subjects)
+
+
+def test_recovery_table_is_the_share_of_the_teachers_above_chance_accuracy():
+    from minitron_nemo.report.run_report import recovery_table
+
+    def model(**tasks):
+        return {
+            "tasks": {t: dict(zip(("acc", "acc_norm"), v, strict=False)) for t, v in tasks.items()}
+        }
+
+    results = {
+        "teacher": model(arc_easy=(0.45, 0.3), hellaswag=(0.3, 0.45), piqa=(0.505, 0.5)),
+        "pruned (no training)": model(),
+        "distilled": model(arc_easy=(0.35, 0.9), hellaswag=(0.9, 0.40), piqa=(0.6, 0.6)),
+    }
+    lines = recovery_table(results).splitlines()
+    assert lines[0] == "| task (metric) | chance | teacher | distilled (recovered) |"
+    assert lines[2].startswith("| arc_easy (acc) | 0.25 | 0.450") and "| 0.350 (50%) |" in lines[2]
+    assert "hellaswag (acc_norm)" in lines[3] and "| 0.400 (75%) |" in lines[3]  # 0.15 / 0.20
+    assert lines[4].endswith("| 0.600 (-) |")  # the teacher is at chance on piqa: no fraction
+    assert recovery_table({"teacher": model(), "distilled": model()}) is None

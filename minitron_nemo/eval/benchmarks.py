@@ -52,6 +52,27 @@ MMLU_SUBJECTS = (
     "sociology", "us_foreign_policy", "virology", "world_religions",
 )  # fmt: skip
 ALL_TASKS = (*TASKS, "mmlu")
+# Accuracy of a uniform guess (ARC has 3 to 5 choices, almost always 4) and the metric each task
+# is quoted by (lm-eval leaderboard convention: length-normalised for hellaswag and
+# arc_challenge, plain accuracy elsewhere).
+CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "piqa": 0.5, "hellaswag": 0.25,
+          "winogrande": 0.5, "sciq": 0.25, "mmlu": 0.25}  # fmt: skip
+HEADLINE_METRIC = {"hellaswag": "acc_norm", "arc_challenge": "acc_norm"}
+
+
+def headline(task: str, scores: dict) -> float:
+    """The task's headline accuracy from one model's scores."""
+    return scores[HEADLINE_METRIC.get(task, "acc")]
+
+
+def recovered_fraction(task: str, student: dict, teacher: dict) -> float | None:
+    """(student - chance) / (teacher - chance) on the task's headline metric: the share of the
+    teacher's above-chance accuracy the student keeps; None when the teacher is at chance."""
+    chance = CHANCE[task]
+    margin = headline(task, teacher) - chance
+    if margin <= 0.01:
+        return None
+    return (headline(task, student) - chance) / margin
 
 
 def _data_dirs(tasks: list[str], subjects: list[str] | None) -> list[str]:

@@ -51,6 +51,38 @@ def results_table(results: dict[str, dict], tokens: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
+def recovery_table(results: dict[str, dict]) -> str | None:
+    """Markdown table: for each benchmark, the teacher's and every trained model's headline
+    accuracy and the fraction of the teacher's above-chance accuracy each model keeps; None
+    when the teacher or no other model has benchmark results."""
+    from minitron_nemo.eval.benchmarks import CHANCE, HEADLINE_METRIC, headline, recovered_fraction
+
+    teacher = results.get("teacher", {}).get("tasks", {})
+    models = [n for n, r in results.items() if n != "teacher" and r["tasks"]]
+    tasks = [t for t in teacher if t in CHANCE and any(t in results[n]["tasks"] for n in models)]
+    if not tasks:
+        return None
+    header = ["task (metric)", "chance", "teacher", *[f"{n} (recovered)" for n in models]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for t in tasks:
+        metric = HEADLINE_METRIC.get(t, "acc")
+        stderr = teacher[t].get(f"{metric}_stderr", 0.0)
+        cells = [
+            f"{t} ({metric})",
+            f"{CHANCE[t]:.2f}",
+            f"{headline(t, teacher[t]):.3f} ± {stderr:.3f}",
+        ]
+        for n in models:
+            scores = results[n]["tasks"].get(t)
+            frac = recovered_fraction(t, scores, teacher[t]) if scores else None
+            cells.append(
+                "-" if scores is None
+                else f"{headline(t, scores):.3f} ({'-' if frac is None else f'{frac:.0%}'})"
+            )  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -124,6 +156,7 @@ def write_report(run_dir: Path, out: Path) -> str:
     }
     tokens = {TRAINED_MODELS[stage]: s["tokens"] for stage, s in trainings.items()}
     table = results_table(results, tokens)
+    recovery = recovery_table(results)
     seconds = {
         stage: record["seconds"]
         for stage in STAGE_ORDER
@@ -171,6 +204,17 @@ def write_report(run_dir: Path, out: Path) -> str:
         "",
         table,
         "",
+        *(
+            [
+                "Fraction of the teacher's above-chance accuracy recovered "
+                "((model - chance) / (teacher - chance); teacher ± its standard error):",
+                "",
+                recovery,
+                "",
+            ]
+            if recovery
+            else []
+        ),
         *search_section(prune_report.get("search")),
         "## Wall time per stage",
         "",
@@ -189,7 +233,7 @@ def write_report(run_dir: Path, out: Path) -> str:
             indent=2,
         )
     )
-    return table + "\n\n" + timing
+    return "\n\n".join(x for x in (table, recovery, timing) if x)
 
 
 def search_section(found: dict | None) -> list[str]:
