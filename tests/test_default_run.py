@@ -13,9 +13,10 @@ pytestmark = pytest.mark.slow
 
 def test_default_run_distilled_beats_pruned_and_scratch(default_run):
     run_dir, result = default_run
-    # The console ends with the results table and the wall time per stage.
+    # The console ends with the results table, the share of the teacher's accuracy recovered and
+    # the wall time per stage.
     tail = result.stdout.strip().splitlines()
-    assert any(line.startswith("| distilled |") for line in tail[-20:]), result.stdout[-3000:]
+    assert any(line.startswith("| distilled |") for line in tail[-40:]), result.stdout[-3000:]
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     print(json.dumps(results, indent=2))
     distilled = results["distilled"]["heldout_loss"]
