@@ -110,6 +110,7 @@ def test_every_export_carries_a_model_card(tiny_run):
     student = (d / "export" / "student" / "README.md").read_text()
     assert f"Teacher: `{teacher}`" in student and "hidden_size 64 -> 48" in student
     assert "Distillation: 6 steps x 4 samples x 32 tokens = 768 tokens" in student
+    assert "above-chance accuracy recovered" in student and "| arc_easy (acc) | 0.25 |" in student
 
 
 def test_report_has_the_table_and_plots(tiny_run):

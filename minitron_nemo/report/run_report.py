@@ -16,6 +16,10 @@ from minitron_nemo.metrics import read_metrics
 from minitron_nemo.report import plots
 
 TRAINED_MODELS = {"distill": "distilled", "scratch": "scratch (LM, same tokens)"}
+RECOVERY_CAPTION = (
+    "Fraction of the teacher's above-chance accuracy recovered "
+    "((model - chance) / (teacher - chance); teacher ± its standard error):"
+)
 STAGE_ORDER = ("teacher", "data", "correct", "prune", "distill", "scratch", "export", "eval")
 
 
@@ -206,8 +210,7 @@ def write_report(run_dir: Path, out: Path) -> str:
         "",
         *(
             [
-                "Fraction of the teacher's above-chance accuracy recovered "
-                "((model - chance) / (teacher - chance); teacher ± its standard error):",
+                RECOVERY_CAPTION,
                 "",
                 recovery,
                 "",
@@ -226,7 +229,8 @@ def write_report(run_dir: Path, out: Path) -> str:
         "",
     ]
     (out / "report.md").write_text("\n".join(md))
-    _write_model_cards(run_dir, teacher, lines[2:], trainings, table)
+    card_table = table if recovery is None else f"{table}\n\n{RECOVERY_CAPTION}\n\n{recovery}"
+    _write_model_cards(run_dir, teacher, lines[2:], trainings, card_table)
     (out / "results.json").write_text(
         json.dumps(
             {"results": results, "seconds": seconds, "tokens": tokens, "trainings": trainings},
