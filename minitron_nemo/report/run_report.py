@@ -161,6 +161,7 @@ def write_report(run_dir: Path, out: Path) -> str:
     tokens = {TRAINED_MODELS[stage]: s["tokens"] for stage, s in trainings.items()}
     table = results_table(results, tokens)
     recovery = recovery_table(results)
+    recovery_section = None if recovery is None else f"{RECOVERY_CAPTION}\n\n{recovery}"
     seconds = {
         stage: record["seconds"]
         for stage in STAGE_ORDER
@@ -208,16 +209,7 @@ def write_report(run_dir: Path, out: Path) -> str:
         "",
         table,
         "",
-        *(
-            [
-                RECOVERY_CAPTION,
-                "",
-                recovery,
-                "",
-            ]
-            if recovery
-            else []
-        ),
+        *([recovery_section, ""] if recovery_section else []),
         *search_section(prune_report.get("search")),
         "## Wall time per stage",
         "",
@@ -229,7 +221,7 @@ def write_report(run_dir: Path, out: Path) -> str:
         "",
     ]
     (out / "report.md").write_text("\n".join(md))
-    card_table = table if recovery is None else f"{table}\n\n{RECOVERY_CAPTION}\n\n{recovery}"
+    card_table = "\n\n".join(x for x in (table, recovery_section) if x)
     _write_model_cards(run_dir, teacher, lines[2:], trainings, card_table)
     (out / "results.json").write_text(
         json.dumps(

@@ -67,6 +67,18 @@ def _run_schedule(
     )
 
 
+def same_shape_runs(batches: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Consecutive micro-batches of one shape: the schedule needs one shape per call (a short
+    last batch, or a full one after it, runs in a call of its own)."""
+    runs: list[list[torch.Tensor]] = []
+    for batch in batches:
+        if runs and runs[-1][0].shape == batch.shape:
+            runs[-1].append(batch)
+        else:
+            runs.append([batch])
+    return runs
+
+
 def run_forward(
     model: torch.nn.Module,
     microbatches: Sequence[torch.Tensor],
@@ -159,9 +171,9 @@ def lm_loss(
         count = torch.tensor(float(losses.numel()), dtype=torch.double, device=losses.device)
         return torch.stack([losses.sum().double(), count])
 
-    # The schedule needs equal micro-batch shapes: a smaller last batch runs on its own.
-    groups = [batches[:-1], batches[-1:]] if batches[-1].shape != batches[0].shape else [batches]
-    outputs = [out for group in groups if group for out in run_forward(model, group, on_output)]
+    outputs = [
+        out for run in same_shape_runs(batches) for out in run_forward(model, run, on_output)
+    ]
     total = torch.zeros(2, dtype=torch.double, device=device)
     if parallel_state.is_pipeline_last_stage():
         total += torch.stack(outputs).sum(0).to(device)
