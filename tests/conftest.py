@@ -15,9 +15,12 @@ def pytest_collection_modifyitems(config, items):
 
 # The shortened default run: distillation and the scratch baseline 24 of their 60 steps, 40
 # questions per benchmark, none for the pruned model before training (the full run's numbers
-# are measured in the README; the tiny pipeline tests benchmark every model).
+# are measured in the README; the tiny pipeline tests benchmark every model). It distills with
+# KD + LM (P1's CLM+KLD) so that tests/test_distill_real.py compares it with an LM-only run of
+# the same steps instead of distilling again (logits-only KD is what the tiny tests cover).
 SHORTER_DEFAULT_RUN = [
     "distill.steps=24",
+    "distill.lm_weight=1.0",
     "distill.save_every=12",
     "distill.warmup_steps=3",
     "eval.limit=40",
