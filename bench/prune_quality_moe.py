@@ -12,11 +12,15 @@ experts): post-prune held-out loss per target and expert score, against random c
 Targets: experts 8 -> 4, 8 -> 2, expert width 128 -> 64, shared expert 256 -> 128, and a combined
 active-parameter target (experts 8 -> 4 and width 128 -> 64).
 3. Recovery: the experts 8 -> 4 student pruned with the default score is distilled from the
-   trained model for --distill-steps steps (forward KL + router loss) and evaluated again.
+   trained model for --distill-steps steps (forward KL + router loss) and evaluated again; so
+   is a dense student of the MoE's active size made from it (attention, embeddings and norms
+   of the trained MoE; its MLP the shared expert beside each layer's two most important routed
+   experts, 256 + 2 x 128 = 512 neurons, router and gates dropped).
 Resumable: every model is a directory under --work; a rerun skips what is complete.
 
 usage: .venv/bin/python bench/prune_quality_moe.py [--work /tmp/minitron_moe_quality]
-       [--steps 600] [--seeds 5]
+       [--steps 2000] [--seeds 5] [--distill-steps 100]
+(tests/test_moe_quality.py runs it at a smaller budget and asserts its claims)
 """
 
 from __future__ import annotations
@@ -31,13 +35,20 @@ from pathlib import Path
 
 import torch
 
-TARGETS = {
-    "experts 8->4": dict(num_moe_experts=4),
-    "experts 8->2": dict(num_moe_experts=2),
-    "expert width 128->64": dict(moe_ffn_hidden_size=64),
-    "shared expert 256->128": dict(moe_shared_expert_intermediate_size=128),
-    "experts 8->4 + width 64": dict(num_moe_experts=4, moe_ffn_hidden_size=64),
-}
+
+def pruning_targets(shared: int) -> dict[str, dict[str, int]]:
+    """The targets, for a shared expert of width `shared`."""
+    return {
+        "experts 8->4": dict(num_moe_experts=4),
+        "experts 8->2": dict(num_moe_experts=2),
+        "expert width 128->64": dict(moe_ffn_hidden_size=64),
+        f"shared expert {shared}->{shared // 2}": dict(
+            moe_shared_expert_intermediate_size=shared // 2
+        ),
+        "experts 8->4 + width 64": dict(num_moe_experts=4, moe_ffn_hidden_size=64),
+    }
+
+
 SCORES = ("reap", "taylor", "frequency", "router_mass")
 
 
@@ -59,7 +70,7 @@ def make_tokenizer(out: Path, docs: list[str], vocab_size: int = 4096):
     return fast
 
 
-def prepare(work: Path):
+def prepare(work: Path, vocab_size: int):
     """Tokenizer, indexed dataset and the DataSpec ranks read it with."""
     import numpy
 
@@ -75,7 +86,7 @@ def prepare(work: Path):
     ]
     tok_dir = work / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
-        make_tokenizer(tok_dir, docs)
+        make_tokenizer(tok_dir, docs, vocab_size)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -112,7 +123,7 @@ def unigram_loss(spec) -> float:
     return -sum(math.log((counts[t] + 1) / total) for t in held) / len(held)
 
 
-def train_model(work: Path, spec, tok_dir: Path, steps: int) -> Path:
+def train_model(work: Path, spec, tok_dir: Path, steps: int, shared: int) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from minitron_nemo import atomic
@@ -125,7 +136,7 @@ def train_model(work: Path, spec, tok_dir: Path, steps: int) -> Path:
     if not atomic.is_complete(init):
         config = AutoConfig.for_model(
             "qwen2_moe", vocab_size=spec.vocab_size, hidden_size=128, intermediate_size=256,
-            moe_intermediate_size=128, shared_expert_intermediate_size=256, num_experts=8,
+            moe_intermediate_size=128, shared_expert_intermediate_size=shared, num_experts=8,
             num_experts_per_tok=2, norm_topk_prob=False, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
             bos_token_id=spec.eod, eos_token_id=spec.eod,
@@ -140,13 +151,66 @@ def train_model(work: Path, spec, tok_dir: Path, steps: int) -> Path:
     return train(init, work / "trained", cfg, spec)
 
 
-def main() -> None:
+def dense_student(work: Path, trained: Path, imp: dict, tok_dir: Path) -> Path:
+    """A dense Qwen2 of the MoE's active size from the trained MoE: attention, embeddings and
+    norms as they are; each layer's MLP the shared expert beside the two routed experts with the
+    highest default (taylor) score, the router and the shared expert's gate dropped (so its
+    output is not the MoE's: distillation has to adapt it). Returns its megatron checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from minitron_nemo import atomic
+    from minitron_nemo.checkpoint import copy_tokenizer
+    from minitron_nemo.convert.hf_to_mcore import hf_to_mcore
+    from minitron_nemo.convert.mcore_to_hf import mcore_to_hf
+
+    out = work / "dense_init"
+    if atomic.is_complete(out):
+        return out
+    mcore_to_hf(trained, work / "trained_hf", force=True)
+    moe = AutoModelForCausalLM.from_pretrained(work / "trained_hf", dtype=torch.float32)
+    mc = moe.config
+    width = mc.moe_intermediate_size
+    config = AutoConfig.for_model(
+        "qwen2", vocab_size=mc.vocab_size, hidden_size=mc.hidden_size,
+        intermediate_size=mc.shared_expert_intermediate_size + 2 * width,
+        num_hidden_layers=mc.num_hidden_layers, num_attention_heads=mc.num_attention_heads,
+        num_key_value_heads=mc.num_key_value_heads,
+        max_position_embeddings=mc.max_position_embeddings, rope_parameters=mc.rope_parameters,
+        rms_norm_eps=mc.rms_norm_eps, tie_word_embeddings=mc.tie_word_embeddings,
+        bos_token_id=mc.bos_token_id, eos_token_id=mc.eos_token_id,
+    )  # fmt: skip
+    state = {k: v for k, v in moe.state_dict().items() if ".mlp." not in k}
+    for i, layer in enumerate(moe.model.layers):
+        mlp, prefix = layer.mlp, f"model.layers.{i}.mlp."
+        keep = imp["experts"][i]["taylor"].topk(2).indices.sort().values
+        gate_up = mlp.experts.gate_up_proj.detach()[keep]  # [2, 2 * width, hidden]
+        shared = mlp.shared_expert
+        state[prefix + "gate_proj.weight"] = torch.cat(
+            [shared.gate_proj.weight.detach(), *(e[:width] for e in gate_up)]
+        )
+        state[prefix + "up_proj.weight"] = torch.cat(
+            [shared.up_proj.weight.detach(), *(e[width:] for e in gate_up)]
+        )
+        state[prefix + "down_proj.weight"] = torch.cat(
+            [shared.down_proj.weight.detach(), *mlp.experts.down_proj.detach()[keep]], dim=1
+        )
+    dense = AutoModelForCausalLM.from_config(config)
+    dense.load_state_dict(state, strict=True)
+    dense.save_pretrained(work / "dense_init_hf")
+    copy_tokenizer(tok_dir, work / "dense_init_hf")
+    hf_to_mcore(work / "dense_init_hf", out, force=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/minitron_moe_quality"))
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--distill-steps", type=int, default=100)
-    args = parser.parse_args()
+    parser.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary to train")
+    parser.add_argument("--shared", type=int, default=256, help="shared expert width")
+    args = parser.parse_args(argv)
     from minitron_nemo import atomic
     from minitron_nemo.config import PruneConfig
     from minitron_nemo.eval.heldout import heldout_losses
@@ -156,8 +220,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     timings = {}
     start = time.time()
-    spec, tok_dir = prepare(work)
-    trained = train_model(work, spec, tok_dir, args.steps)
+    spec, tok_dir = prepare(work, args.vocab)
+    trained = train_model(work, spec, tok_dir, args.steps, args.shared)
+    targets = pruning_targets(args.shared)
     timings["train_s"] = round(time.time() - start)
 
     base = dict(depth_scores=False, depth_eval_samples=8, micro_batch_size=8, hf_output=False)
@@ -187,9 +252,9 @@ def main() -> None:
             }}  # fmt: skip
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(rnd, path)
-        for target, sizes in TARGETS.items():
+        for target, sizes in targets.items():
             prune(f"{target} | random{seed}", path, expert_score="reap", **sizes)
-    for target, sizes in TARGETS.items():
+    for target, sizes in targets.items():
         for score in SCORES if "num_moe_experts" in sizes else ("reap",):
             prune(f"{target} | {score}", imp_path, expert_score=score, **sizes)
 
@@ -204,10 +269,14 @@ def main() -> None:
         Path(models["experts 8->4 | taylor"]), work / "distilled", kd, spec, trained
     )
     timings["distill_s"] = round(time.time() - start)
+    models["dense"] = dense_student(work, trained, imp, tok_dir)
+    start = time.time()
+    models["dense, distilled"] = train(models["dense"], work / "dense_distilled", kd, spec, trained)
+    timings["distill_dense_s"] = round(time.time() - start)
     losses = heldout_losses(models, spec, work / "heldout.json", micro_batch=8)
     table = {"unigram": unigram_loss(spec), "trained": losses["trained"]["heldout_loss"]}
     rows = []
-    for target, sizes in TARGETS.items():
+    for target, sizes in targets.items():
         row = {"target": target, "params": None, "active": None}
         rnd = [losses[f"{target} | random{s}"]["heldout_loss"] for s in range(args.seeds)]
         row["random"] = sum(rnd) / len(rnd)
@@ -225,6 +294,9 @@ def main() -> None:
         "pruned": losses["experts 8->4 | taylor"]["heldout_loss"],
         "distilled": losses["experts 8->4 | taylor, distilled"]["heldout_loss"],
         "steps": args.distill_steps,
+        "dense": losses["dense"]["heldout_loss"],
+        "dense_distilled": losses["dense, distilled"]["heldout_loss"],
+        "dense_params": _total_params(Path(models["dense"])),
     }
     table["timings"] = timings
     table["calibration_seconds"] = imp.get("calibration_seconds")
@@ -241,7 +313,16 @@ def main() -> None:
     d = table["distilled"]
     print(f"experts 8->4 (taylor): pruned {d['pruned']:.3f} -> distilled {d['distilled']:.3f} "
           f"after {d['steps']} steps of 16 x 128 tokens")  # fmt: skip
+    print(f"dense student of the active size ({d['dense_params'] / 1e6:.2f}M): made "
+          f"{d['dense']:.3f} -> distilled {d['dense_distilled']:.3f}, same steps")  # fmt: skip
     print(json.dumps(timings))
+    return table
+
+
+def _total_params(ckpt: Path) -> int:
+    from minitron_nemo.models.arch import ModelArch
+
+    return ModelArch.load(ckpt / "arch.yaml").num_parameters()
 
 
 if __name__ == "__main__":
