@@ -102,3 +102,15 @@ def test_ranks_started_by_torchrun_launcher(tmp_path, monkeypatch):
     )
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not list((tmp_path / "jobs").iterdir())  # the job file is removed
+
+
+def test_stages_in_one_process_leave_the_excepthook_as_they_found_it():
+    """torch's init_process_group prefixes tracebacks with "[rankN]: " by wrapping
+    sys.excepthook; a process running several stages must not stack the prefix."""
+    from minitron_nemo.runtime import distributed
+
+    hook = sys.excepthook
+    for _ in range(2):
+        with distributed.initialize():
+            pass
+    assert sys.excepthook is hook

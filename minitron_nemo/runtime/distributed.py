@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -93,6 +94,9 @@ def initialize(
         os.environ["MASTER_PORT"] = str(free_port())
     device = _device(local_rank)
     owns_group = not dist.is_initialized()
+    # init_process_group wraps sys.excepthook to prefix "[rankN]: "; every init would wrap it
+    # again, so a process that runs several stages would print "[rank0]: [rank0]: ...".
+    excepthook = sys.excepthook
     if owns_group:
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
@@ -131,6 +135,7 @@ def initialize(
                 _abort_process_group()
             else:
                 dist.destroy_process_group()
+                sys.excepthook = excepthook
         if os.environ.get("WORLD_SIZE") is None:
             os.environ.pop("MASTER_PORT", None)
 
