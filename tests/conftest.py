@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+XDIST = bool(os.environ.get("PYTEST_XDIST_WORKER"))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -13,14 +17,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-# The shortened default run: distillation and the scratch baseline 24 of their 60 steps, 40
-# questions per benchmark, none for the pruned model before training (the full run's numbers
-# are measured in the README; the tiny pipeline tests benchmark every model). It distills with
-# KD + LM (P1's CLM+KLD) so that tests/test_distill_real.py compares it with an LM-only run of
-# the same steps instead of distilling again (logits-only KD is what the tiny tests cover).
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures start processes
+def pytest_runtest_setup(item):
+    """Two xdist workers on two cores (scripts/test.sh runs the fast tests with `-n 2`): one
+    thread each, in this process and in every process its test starts, so the workers do not
+    oversubscribe the cores."""
+    if XDIST:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+# The shortened default run: distillation 24 of its 60 steps, 40 questions per benchmark, none
+# for the pruned model before training (the full run's numbers are measured in the README; the
+# tiny pipeline tests benchmark every model and run every stage). It distills with KD + LM (P1's
+# CLM+KLD) so that tests/test_distill_real.py compares it with an LM-only run of the same steps
+# instead of distilling again (logits-only KD is what the tiny tests cover), and it trains no
+# scratch baseline: KD against scratch at equal tokens on this model is asserted by
+# tests/test_token_efficiency.py, the scratch stage itself by tests/test_pipeline.py.
 SHORTER_DEFAULT_RUN = [
     "distill.steps=24",
     "distill.lm_weight=1.0",
+    "scratch=false",
     "distill.save_every=12",
     "distill.warmup_steps=3",
     "eval.limit=40",
@@ -31,9 +48,9 @@ SHORTER_DEFAULT_RUN = [
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory):
     """`minitron run recipes/smollm2_135m_cpu.yaml` (README command 1) on the real SmolLM2-135M,
-    every stage, once per session: the slow tests read its converted teacher, prepared data,
-    pruned model and results instead of making their own. Returns (run_dir, completed process)."""
-    import os
+    shortened (above), once per session: the slow tests read its converted teacher, prepared
+    data, pruned and distilled models and results instead of making their own. Returns
+    (run_dir, completed process)."""
     import subprocess
     import sys
 

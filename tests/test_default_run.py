@@ -11,7 +11,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_default_run_distilled_beats_pruned_and_scratch(default_run):
+def test_default_run_distilled_beats_pruned(default_run):
     run_dir, result = default_run
     # The console ends with the results table, the share of the teacher's accuracy recovered and
     # the wall time per stage.
@@ -21,10 +21,10 @@ def test_default_run_distilled_beats_pruned_and_scratch(default_run):
     print(json.dumps(results, indent=2))
     distilled = results["distilled"]["heldout_loss"]
     assert distilled < results["pruned (no training)"]["heldout_loss"]
-    assert distilled < results["scratch (LM, same tokens)"]["heldout_loss"]
+    assert "scratch (LM, same tokens)" not in results  # shortened: tests/conftest.py
     assert results["distilled"]["params"] < 0.7 * results["teacher"]["params"]
     report = (run_dir / "report" / "report.md").read_text()
-    assert "## Results" in report and (run_dir / "report" / "kd_vs_scratch.png").is_file()
+    assert "## Results" in report and (run_dir / "report" / "kd_loss.png").is_file()
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(run_dir / "export" / "student")

@@ -49,8 +49,11 @@ def test_bench_runs_at_two_budgets_and_reruns_from_its_points(default_run, tmp_p
     assert set(points) == {(v, t) for v in ("kd", "scratch") for t in (1024, 2048)}
     assert all(math.isfinite(loss) for loss in points.values())
     assert results["lines"]["teacher"] < results["lines"]["pruned, no training"]
-    # one KD step from the pruned model stays far below a random model's loss (~ln 49152)
-    assert points[("kd", 1024)] < points[("scratch", 1024)] < math.log(49152) + 0.5
+    # distillation beats training from scratch at equal tokens (the default run's claim, moved
+    # here: the shared default run trains no scratch baseline); one KD step from the pruned
+    # model stays far below a random model's loss (~ln 49152)
+    for tokens in (1024, 2048):
+        assert points[("kd", tokens)] < points[("scratch", tokens)] < math.log(49152) + 0.5
     table = (tmp_path / "token_efficiency.md").read_text()
     assert "| 1,024 |" in table and "| 2,048 |" in table and "scratch tokens to match KD" in table
     assert (tmp_path / "token_efficiency.png").stat().st_size > 10_000
