@@ -1,9 +1,11 @@
 """bench/prune_quality_moe.py at a smaller budget, its claims asserted: on an MoE trained here
 (held-out loss well below a unigram model's), the default expert score (taylor) beats random
-experts and routing frequency and ties or beats REAP when half the experts go; with 2 of 8
-left every score is within the random seeds' range (docs/moe.md), and taylor still beats
-frequency; expert-width and shared-expert pruning beat random neurons; a short distillation
-recovers the pruned MoE, and a dense student of the MoE's active size made from it distills too.
+experts and routing frequency and ties or beats REAP when half the experts go (alone and with
+half the expert width); expert-width and shared-expert pruning beat random neurons; a short
+distillation recovers the pruned MoE, and a dense student of the MoE's active size made from it
+distills too. With 2 of 8 experts left no score is reliably better than random at this size:
+two trainings that differ only in thread count (so in rounding) ordered the scores differently
+there, so that row is reported, not asserted (docs/moe.md).
 
 The budget (measured, 190 s on 2 cores): a 1024-token vocabulary and a shared expert of width 64
 (so that the routed experts carry most of the MLP's work), 500 training steps of 16 x 128
@@ -40,11 +42,10 @@ def test_default_expert_score_beats_random_and_frequency_and_ties_reap(tmp_path)
     assert results["trained"] < results["unigram"] - 0.5  # trained: experts can be ranked
     rows = {row["target"]: row for row in results["rows"]}
     for target, row in rows.items():
+        if target == "experts 8->2":  # which 2 of 8 matters less than that 6 are gone
+            continue
         if "frequency" in row:  # an expert-count target: every score was run
             assert row["taylor"] < row["frequency"], (target, row)
-            if target == "experts 8->2":  # which 2 of 8 matters less than that 6 are gone
-                assert row["taylor"] <= row["random_range"][1], (target, row)
-                continue
             assert row["taylor"] < row["random"], (target, row)
             assert row["taylor"] <= row["reap"] + TIE, (target, row)
         else:  # expert width or shared-expert width: our neuron scores against random
