@@ -33,7 +33,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.6"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"],
         # Reading the embedded SmolLM2 GGUF (default run, slow tests).
         "gguf": ["gguf>=0.10", "accelerate>=1.0"],
         "launch": ["nemo-run", "leptonai<0.47"],

@@ -51,7 +51,8 @@ def test_validate_catches_bad_recipes(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "script", ["launch/torchrun.sh", "launch/slurm.sbatch", "scripts/setup.sh", ".ci/run"]
+    "script",
+    ["launch/torchrun.sh", "launch/slurm.sbatch", "scripts/setup.sh", "scripts/test.sh", ".ci/run"],
 )
 def test_shell_scripts_parse(script):
     subprocess.run(["bash", "-n", str(REPO / script)], check=True)
