@@ -60,6 +60,16 @@ TINY_CONFIGS.update(MOE_CONFIGS)
 DENSE_FAMILIES = [name for name in TINY_CONFIGS if name not in MOE_CONFIGS]
 
 
+def load_bench(name: str):
+    """bench/NAME.py imported as a module (the benches are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_config(name: str, **overrides):
     from transformers import AutoConfig
 

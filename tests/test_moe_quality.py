@@ -14,11 +14,9 @@ steps. The bench's documented table uses 4096 tokens, width 256 and 2000 steps (
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import load_bench
 
 pytestmark = pytest.mark.slow
 
@@ -29,16 +27,8 @@ BUDGET = ["--steps", "500", "--vocab", "1024", "--shared", "64", "--seeds", "3",
           "--distill-steps", "30"]  # fmt: skip
 
 
-def _bench():
-    path = REPO / "bench" / "prune_quality_moe.py"
-    spec = importlib.util.spec_from_file_location("prune_quality_moe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_default_expert_score_beats_random_and_frequency_and_ties_reap(tmp_path):
-    results = _bench().main(["--work", str(tmp_path), *BUDGET])
+    results = load_bench("prune_quality_moe").main(["--work", str(tmp_path), *BUDGET])
     assert results["trained"] < results["unigram"] - 0.5  # trained: experts can be ranked
     rows = {row["target"]: row for row in results["rows"]}
     for target, row in rows.items():

@@ -4,7 +4,6 @@ rerun reuses every point."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -12,19 +11,11 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO
-
-
-def _bench():
-    path = REPO / "bench" / "token_efficiency.py"
-    spec = importlib.util.spec_from_file_location("token_efficiency", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import REPO, load_bench
 
 
 def test_scratch_tokens_are_interpolated_in_log_tokens():
-    bench = _bench()
+    bench = load_bench("token_efficiency")
     # loss = 12 - log10(tokens): 9 at 1k, 8 at 10k, 7 at 100k tokens
     scratch = [(1e5, 7.0), (1e3, 9.0), (1e4, 8.0)]
     assert math.isclose(bench.tokens_to_reach(scratch, 7.5), 10**4.5, rel_tol=1e-9)
