@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minitron_nemo.distill import vocab_loss
 from minitron_nemo.distill.losses import kl_divergence
 from minitron_nemo.distill.vocab_loss import chunked_vocab_losses, vocab_losses
 from minitron_nemo.runtime.forward import PAD_LOGIT
@@ -26,8 +27,13 @@ def _logits(t=13, v=37, seed=0, dtype=torch.float64):
 @pytest.mark.parametrize("kind", ["forward", "reverse"])
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 @pytest.mark.parametrize("nll_grad", [False, True])
-def test_fused_equals_reference_values_and_gradients(kind, temperature, nll_grad):
+@pytest.mark.parametrize("block_rows", [None, 4])
+def test_fused_equals_reference_values_and_gradients(
+    kind, temperature, nll_grad, block_rows, monkeypatch
+):
     s, t, labels = _logits()
+    if block_rows:  # 13 rows reduced as blocks of 4, 4, 4, 1
+        monkeypatch.setattr(vocab_loss, "ROW_BLOCK_ELEMENTS", block_rows * s.shape[1])
     s_ref, s_new = s.clone().requires_grad_(), s.clone().requires_grad_()
     kl_ref = kl_divergence(s_ref, t, temperature, kind)  # mean * T^2
     nll_ref = F.cross_entropy(s_ref, labels)
@@ -61,10 +67,21 @@ def test_gradcheck(kind):
     weights = torch.tensor([0.3, 1.1, 0.5, 0.9], dtype=torch.float64)
 
     def f(x):
-        kl_t, nll_t = vocab_losses(x, t, labels, 1.7, kind, nll_grad=True)
+        kl_t, nll_t = vocab_losses(x, t, labels, 1.7, kind, nll_grad=True, backward_once=False)
         return (kl_t * weights).sum() + (nll_t * weights.flip(0)).sum()
 
     assert torch.autograd.gradcheck(f, (s.clone().requires_grad_(),))
+
+
+def test_training_backward_reuses_saved_buffers_and_refuses_a_second_backward():
+    """By default the saved [t, v] buffers become the gradient in place; differentiating the
+    same graph again is an error from autograd, not a gradient from overwritten values."""
+    s, t, labels = _logits()
+    x = s.clone().requires_grad_()
+    kl_t, nll_t = vocab_losses(x, t, labels, 1.0, nll_grad=True)
+    (kl_t.sum() + nll_t.sum()).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (kl_t.sum() + nll_t.sum()).backward()
 
 
 def test_chunked_output_layer_equals_full_logits():

@@ -113,6 +113,7 @@ class _TopKLosses(torch.autograd.Function):
         nll_grad: bool,
         vocab_start: int,
         group,
+        backward_once: bool,
     ):
         s = upcast(student_tv)
         log_q1 = log_softmax(s, group)
@@ -138,12 +139,14 @@ class _TopKLosses(torch.autograd.Function):
         if temperature != 1.0:
             kl_dir.div_(temperature)
         q1 = log_q1.exp_() if nll_grad else None
-        save_for_student_grad(ctx, kl_dir, q1, labels_t, vocab_start, student_tv.dtype)
+        save_for_student_grad(
+            ctx, kl_dir, q1, labels_t, vocab_start, student_tv.dtype, backward_once
+        )
         return kl_t, nll_t
 
     @staticmethod
     def backward(ctx, grad_kl_t: torch.Tensor, grad_nll_t: torch.Tensor):
-        return (student_grad(ctx, grad_kl_t, grad_nll_t),) + (None,) * 8
+        return (student_grad(ctx, grad_kl_t, grad_nll_t),) + (None,) * 9
 
 
 def top_k_losses(
@@ -154,10 +157,12 @@ def top_k_losses(
     nll_grad: bool = False,
     vocab_start: int = 0,
     group=None,
+    backward_once: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token KL_K (with gradient) and student NLL (with gradient when `nll_grad`) of one
-    chunk of student logit slices against the teacher's top K."""
+    chunk of student logit slices against the teacher's top K. `backward_once`: see
+    vocab_parallel.save_for_student_grad."""
     return _TopKLosses.apply(
         student_tv, teacher.logp, teacher.ids, teacher.log_tail, labels_t, temperature,
-        nll_grad, vocab_start, group,
+        nll_grad, vocab_start, group, backward_once,
     )  # fmt: skip

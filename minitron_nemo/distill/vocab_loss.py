@@ -37,6 +37,44 @@ from minitron_nemo.distill.vocab_parallel import (
 )
 from minitron_nemo.runtime.forward import PAD_LOGIT
 
+ROW_BLOCK_ELEMENTS = 1 << 21
+"""Rows of a chunk are reduced a block of about this many logits (8 MiB in fp32) at a time: the
+softmax temporaries of one block stay small and are reused by the allocator instead of being
+fresh full-chunk buffers (on CPU each fresh 100 MB buffer is page-faulted in again), and a
+chunk's peak holds only its outputs. Rows are independent, so the results do not depend on it."""
+
+
+def _block_losses(s, t, labels_t, temperature, kind, nll_grad, vocab_start, group, kl_dir, q1):
+    """(kl_t, nll_t) of one block of rows; writes the block's rows of `kl_dir` (the KL's
+    gradient direction) and `q1` (the student's softmax at T = 1) when they are given."""
+    s = upcast(s)
+    log_q1 = log_softmax(s, group)
+    nll_t = -gather_labels(log_q1, labels_t, vocab_start, group)
+    kl_t = torch.zeros_like(nll_t)
+    if nll_grad:
+        torch.exp(log_q1, out=q1)
+    if t is not None:
+        t = upcast(t)
+        q = None
+        if temperature != 1.0:
+            t = t / temperature
+            log_q = log_softmax(s / temperature, group)
+        else:  # log_q1 is not needed any more: it may be overwritten
+            log_q, q = log_q1, q1
+        log_p = log_softmax(t, group)
+        if kind == "forward":
+            p = log_p.exp()
+            kl_t = sum_tokens(log_p.sub_(log_q).mul_(p).sum(-1), group)
+            torch.sub(log_q.exp_() if q is None else q, p, out=kl_dir)  # q - p
+        else:  # reverse: KL(q || p)
+            q = log_q.exp() if q is None else q
+            diff = log_q.sub_(log_p)  # log q - log p
+            kl_t = sum_tokens((q * diff).sum(-1), group)
+            torch.mul(diff.sub_(kl_t[:, None]), q, out=kl_dir)
+        if temperature != 1.0:
+            kl_dir.div_(temperature)
+    return kl_t, nll_t
+
 
 class _VocabLosses(torch.autograd.Function):
     """(kl_t, nll_t) of one chunk; see the module docstring for the formulas."""
@@ -52,39 +90,37 @@ class _VocabLosses(torch.autograd.Function):
         nll_grad: bool,
         vocab_start: int,
         group,
+        backward_once: bool,
     ):
-        s = upcast(student_tv)
-        log_q1 = log_softmax(s, group)
-        nll_t = -gather_labels(log_q1, labels_t, vocab_start, group)
-        kl_t = torch.zeros_like(nll_t)
-        kl_dir = q1 = None
-        if teacher_tv is not None:
-            t = upcast(teacher_tv)
-            if temperature != 1.0:
-                t = t / temperature
-                log_q = log_softmax(s / temperature, group)
-            else:
-                log_q = log_q1 if not nll_grad else log_q1.clone()
-            log_p = log_softmax(t, group)
-            if kind == "forward":
-                p = log_p.exp()
-                kl_t = sum_tokens(log_p.sub_(log_q).mul_(p).sum(-1), group)
-                kl_dir = log_q.exp_().sub_(p)  # q - p
-            else:  # reverse: KL(q || p)
-                q = log_q.exp()
-                diff = log_q.sub_(log_p)  # log q - log p
-                kl_t = sum_tokens((q * diff).sum(-1), group)
-                kl_dir = diff.sub_(kl_t[:, None]).mul_(q)
-            if temperature != 1.0:
-                kl_dir.div_(temperature)
-        if nll_grad:
-            q1 = log_q1.exp_()
-        save_for_student_grad(ctx, kl_dir, q1, labels_t, vocab_start, student_tv.dtype)
+        n, v = student_tv.shape
+        buffer = dict(dtype=upcast(student_tv).dtype, device=student_tv.device)
+        kl_dir = torch.empty(n, v, **buffer) if teacher_tv is not None else None
+        q1 = torch.empty(n, v, **buffer) if nll_grad else None
+        kl_t = torch.empty(n, **buffer)
+        nll_t = torch.empty(n, **buffer)
+        rows = max(1, ROW_BLOCK_ELEMENTS // max(v, 1))
+        for a in range(0, n, rows):
+            b = min(n, a + rows)
+            kl_t[a:b], nll_t[a:b] = _block_losses(
+                student_tv[a:b],
+                None if teacher_tv is None else teacher_tv[a:b],
+                labels_t[a:b],
+                temperature,
+                kind,
+                nll_grad,
+                vocab_start,
+                group,
+                None if kl_dir is None else kl_dir[a:b],
+                None if q1 is None else q1[a:b],
+            )
+        save_for_student_grad(
+            ctx, kl_dir, q1, labels_t, vocab_start, student_tv.dtype, backward_once
+        )
         return kl_t, nll_t
 
     @staticmethod
     def backward(ctx, grad_kl_t: torch.Tensor, grad_nll_t: torch.Tensor):
-        return (student_grad(ctx, grad_kl_t, grad_nll_t),) + (None,) * 7
+        return (student_grad(ctx, grad_kl_t, grad_nll_t),) + (None,) * 8
 
 
 def vocab_losses(
@@ -96,16 +132,19 @@ def vocab_losses(
     nll_grad: bool = False,
     vocab_start: int = 0,
     group=None,
+    backward_once: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token KL (zeros without a teacher) and student NLL of one chunk of logit slices.
 
     The KL carries a gradient; the NLL too when `nll_grad` (LM loss in the objective), else it is
-    only for logging. Logits of padded vocabulary rows must be PAD_LOGIT already."""
+    only for logging. Logits of padded vocabulary rows must be PAD_LOGIT already.
+    `backward_once`: see vocab_parallel.save_for_student_grad."""
     if kind not in ("forward", "reverse"):
         raise ValueError(f"kind must be forward or reverse, got {kind!r}")
     return _VocabLosses.apply(
-        student_tv, teacher_tv, labels_t, temperature, kind, nll_grad, vocab_start, group
-    )
+        student_tv, teacher_tv, labels_t, temperature, kind, nll_grad, vocab_start, group,
+        backward_once,
+    )  # fmt: skip
 
 
 def mask_padding(logits_tv: torch.Tensor, vocab_size: int, vocab_start: int) -> torch.Tensor:

@@ -54,22 +54,29 @@ def gather_labels(x_tv: torch.Tensor, labels_t: torch.Tensor, vocab_start: int, 
     return sum_tokens(out, group)
 
 
-def save_for_student_grad(ctx, kl_dir, q1, labels_t, vocab_start: int, dtype) -> None:
+def save_for_student_grad(
+    ctx, kl_dir, q1, labels_t, vocab_start: int, dtype, backward_once: bool = True
+) -> None:
     """What `student_grad` needs: the KL's gradient direction [t, v] (or None), the student's
-    softmax at T = 1 when the NLL has a gradient (or None), the labels, the slice's start."""
+    softmax at T = 1 when the NLL has a gradient (or None), the labels, the slice's start.
+    With `backward_once` (training) the saved [t, v] tensors become the gradient in place, so
+    no second full-size buffer exists; differentiating twice (retain_graph, e.g. gradcheck)
+    needs False (with True autograd's version check fails the second backward)."""
     ctx.save_for_backward(kl_dir, q1, labels_t)
     ctx.vocab_start = vocab_start
     ctx.dtype = dtype
+    ctx.backward_once = backward_once
 
 
 def student_grad(ctx, grad_kl_t: torch.Tensor, grad_nll_t: torch.Tensor):
     """d(loss)/d(student logit slice) from what `save_for_student_grad` kept."""
     kl_dir, q1, labels_t = ctx.saved_tensors
+    scale = torch.Tensor.mul_ if ctx.backward_once else torch.mul
     grad = None
     if kl_dir is not None:
-        grad = kl_dir * grad_kl_t[:, None]
+        grad = scale(kl_dir, grad_kl_t[:, None])
     if q1 is not None:
-        term = q1 * grad_nll_t[:, None]
+        term = scale(q1, grad_nll_t[:, None])
         grad = term if grad is None else grad.add_(term)
         rows, cols = local_labels(labels_t, q1.shape[1], ctx.vocab_start)
         grad[rows, cols] -= grad_nll_t[rows]
