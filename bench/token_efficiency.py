@@ -21,7 +21,8 @@ headline), measured on the default's pruned student.
 
 Optional variants (--variants): `kd_lm` (KD + LM loss) and `depth` (the depth recipe's student,
 distilled). Every point is a run directory under --work with its result.json; a rerun skips what
-is complete and resumes an interrupted training from its last checkpoint. Output:
+is complete and resumes an interrupted training from its last checkpoint, and reuses the
+teacher's and the pruned student's held-out losses (WORK/lines.json). Output:
 WORK/token_efficiency.md (table), WORK/token_efficiency.png (held-out loss vs tokens, log x),
 WORK/results.json.
 
@@ -133,6 +134,27 @@ def hf_loss(hf_dir: Path, batches: list) -> float:
     return heldout_loss(load_hf_model(hf_dir), batches)
 
 
+def reference_lines(work: Path, base: Path, batches: list) -> dict[str, float]:
+    """Held-out loss of the teacher and of the pruned student before training, kept in
+    WORK/lines.json for the same base run and held-out tokens (a rerun reuses them)."""
+    import hashlib
+
+    from minitron_nemo import atomic
+    from minitron_nemo.data.sources import smollm2_hf_dir
+
+    digest = hashlib.sha256(b"".join(b.numpy().tobytes() for b in batches)).hexdigest()
+    key = {"base": str(base), "heldout_sha256": digest}
+    saved = atomic.read_json(work / "lines.json")
+    if saved is not None and saved.get("key") == key:
+        return saved["lines"]
+    lines = {
+        "teacher": hf_loss(smollm2_hf_dir(), batches),
+        "pruned, no training": hf_loss(base / "prune" / "hf", batches),
+    }
+    atomic.write_json(work / "lines.json", {"key": key, "lines": lines})
+    return lines
+
+
 def run_point(out: Path, run_dir: Path, spec, mode: str, lm_weight: float, tokens: int,
               lr: float, batches: list) -> dict:  # fmt: skip
     """Train one point into `out` (resumable) and measure its held-out loss; result.json marks
@@ -239,12 +261,7 @@ def main() -> None:
             students["depth"] = prepare_student(work, "depth", "smollm2_135m_cpu_depth.yaml", blend)
     spec = data_spec(students["base"], work / "index_cache")
     batches = heldout_batches(spec)
-    from minitron_nemo.data.sources import smollm2_hf_dir
-
-    lines = {
-        "teacher": hf_loss(smollm2_hf_dir(), batches),
-        "pruned, no training": hf_loss(students["base"] / "prune" / "hf", batches),
-    }
+    lines = reference_lines(work, students["base"], batches)
     budgets = sorted(args.budgets)
     scratch_budgets = sorted({*budgets, *args.scratch_budgets})
     mid = budgets[len(budgets) // 2]

@@ -27,15 +27,21 @@ documents (~7.5k tokens) give ~58 held-out samples of 129 tokens."""
 
 
 def hf_model_from_state(arch: ModelArch, state: dict[str, torch.Tensor]):
+    """An HF model of `arch` holding `state` (every weight; lm_head only when tied). Built
+    without transformers' random initialisation, which would be overwritten anyway and took
+    ~0.9 s of each ~3 s scored choice of SmolLM2-135M on 2 cores."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     from minitron_nemo.models.families import family_by_name
 
     family = family_by_name(arch.family)
     config = AutoConfig.for_model(family.model_type, **family.hf_config_kwargs(arch))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [m for m in missing if m != "lm_head.weight"]:
+    may_miss = ["lm_head.weight"] if arch.tie_embeddings else []
+    if unexpected or [m for m in missing if m not in may_miss]:
         raise RuntimeError(f"state does not fit: missing {missing}, unexpected {unexpected}")
     if arch.tie_embeddings:
         model.tie_weights()
