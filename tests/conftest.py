@@ -27,7 +27,7 @@ def pytest_runtest_setup(item):
         torch.set_num_threads(1)
 
 
-# The shortened default run: distillation 24 of its 60 steps, 40 questions per benchmark, none
+# The shortened default run: distillation 24 of its 60 steps, 16 questions per benchmark, none
 # for the pruned model before training (the full run's numbers are measured in the README; the
 # tiny pipeline tests benchmark every model and run every stage). It distills with KD + LM (P1's
 # CLM+KLD) so that tests/test_distill_real.py compares it with an LM-only run of the same steps
@@ -40,7 +40,7 @@ SHORTER_DEFAULT_RUN = [
     "scratch=false",
     "distill.save_every=12",
     "distill.warmup_steps=3",
-    "eval.limit=40",
+    "eval.limit=16",
     "eval.benchmark_pruned=false",
 ]
 
