@@ -19,7 +19,7 @@ active-parameter target (experts 8 -> 4 and width 128 -> 64).
 Resumable: every model is a directory under --work; a rerun skips what is complete.
 
 usage: .venv/bin/python bench/prune_quality_moe.py [--work /tmp/minitron_moe_quality]
-       [--steps 2000] [--seeds 5] [--distill-steps 100]
+       [--steps 2000] [--seeds 5] [--distill-steps 100] [--train-micro-batch 8]
 (tests/test_moe_quality.py runs it at a smaller budget and asserts its claims)
 """
 
@@ -123,7 +123,9 @@ def unigram_loss(spec) -> float:
     return -sum(math.log((counts[t] + 1) / total) for t in held) / len(held)
 
 
-def train_model(work: Path, spec, tok_dir: Path, steps: int, shared: int) -> Path:
+def train_model(
+    work: Path, spec, tok_dir: Path, steps: int, shared: int, micro_batch: int = 8
+) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from minitron_nemo import atomic
@@ -145,7 +147,7 @@ def train_model(work: Path, spec, tok_dir: Path, steps: int, shared: int) -> Pat
         AutoModelForCausalLM.from_config(config).save_pretrained(work / "init_hf")
         copy_tokenizer(tok_dir, work / "init_hf")
         hf_to_mcore(work / "init_hf", init, force=True)
-    cfg = DistillConfig(mode="lm", steps=steps, global_batch_size=16, micro_batch_size=8,
+    cfg = DistillConfig(mode="lm", steps=steps, global_batch_size=16, micro_batch_size=micro_batch,
                         lr=3e-3, min_lr=3e-4, warmup_steps=30, save_every=steps,
                         kd_chunk_tokens=512, moe_aux_loss_coeff=1e-2, log_every=50)  # fmt: skip
     return train(init, work / "trained", cfg, spec)
@@ -210,6 +212,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--distill-steps", type=int, default=100)
     parser.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary to train")
     parser.add_argument("--shared", type=int, default=256, help="shared expert width")
+    parser.add_argument("--train-micro-batch", type=int, default=8, choices=[8, 16],
+                        help="micro-batch of the training (16 x 128 tokens a step either way; "
+                             "16: one micro-batch a step, ~20%% faster on 2 cores, another "
+                             "summation order so another trained model)")  # fmt: skip
     args = parser.parse_args(argv)
     from minitron_nemo import atomic
     from minitron_nemo.config import PruneConfig
@@ -221,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     timings = {}
     start = time.time()
     spec, tok_dir = prepare(work, args.vocab)
-    trained = train_model(work, spec, tok_dir, args.steps, args.shared)
+    trained = train_model(work, spec, tok_dir, args.steps, args.shared, args.train_micro_batch)
     targets = pruning_targets(args.shared)
     timings["train_s"] = round(time.time() - start)
 
