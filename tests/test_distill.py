@@ -149,31 +149,41 @@ def _run_subprocess(spec: dict, path: Path, env: dict[str, str] | None = None) -
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_resume_after_sigkill_is_bitwise_identical(models, data, tmp_path):
-    cfg = _cfg(steps=6, save_every=2)
-    train(models / "student", tmp_path / "full", cfg, data, models / "teacher")
-    spec = _spec(models, data, tmp_path / "killed", cfg)
+RESUME_CFG = dict(steps=6, save_every=2)
+"""The runs that are killed and resumed, and the uninterrupted one they must equal."""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(models, data, tmp_path_factory):
+    """An uninterrupted run of RESUME_CFG: (its losses, its final weights); shared read-only by
+    the two resume tests."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train(models / "student", out, _cfg(**RESUME_CFG), data, models / "teacher")
+    return _losses(out), _weights(out / "checkpoints" / "step_000006")
+
+
+def test_resume_after_sigkill_is_bitwise_identical(models, data, uninterrupted, tmp_path):
+    spec = _spec(models, data, tmp_path / "killed", _cfg(**RESUME_CFG))
     rc = _run_subprocess({**spec, "kill_after_step": 3}, tmp_path / "spec.json")
     assert rc != 0  # killed
     assert latest_checkpoint(tmp_path / "killed" / "checkpoints").name == "step_000002"
     assert _run_subprocess(spec, tmp_path / "spec.json") == 0  # resumes from step 2
-    assert _losses(tmp_path / "killed") == _losses(tmp_path / "full")
-    w_full = _weights(tmp_path / "full" / "checkpoints" / "step_000006")
+    losses_full, w_full = uninterrupted
+    assert _losses(tmp_path / "killed") == losses_full
     w_res = _weights(tmp_path / "killed" / "checkpoints" / "step_000006")
     assert all(torch.equal(w_res[k], w_full[k]) for k in w_full)
 
 
-def test_half_written_checkpoint_is_never_picked_up(models, data, tmp_path):
-    cfg = _cfg(steps=6, save_every=2)
-    spec = _spec(models, data, tmp_path / "run", cfg)
+def test_half_written_checkpoint_is_never_picked_up(models, data, uninterrupted, tmp_path):
+    spec = _spec(models, data, tmp_path / "run", _cfg(**RESUME_CFG))
     rc = _run_subprocess({**spec, "kill_during_save": 4}, tmp_path / "spec.json")
     assert rc != 0
     ckpts = tmp_path / "run" / "checkpoints"
     assert (ckpts / ".step_000004.incomplete").is_dir()  # the half-written one is there...
     assert latest_checkpoint(ckpts).name == "step_000002"  # ...and ignored
     assert _run_subprocess(spec, tmp_path / "spec.json") == 0
-    train(models / "student", tmp_path / "full", cfg, data, models / "teacher")
-    w_full = _weights(tmp_path / "full" / "checkpoints" / "step_000006")
+    losses_full, w_full = uninterrupted
+    assert _losses(tmp_path / "run") == losses_full
     w_res = _weights(ckpts / "step_000006")
     assert all(torch.equal(w_res[k], w_full[k]) for k in w_full)
 
