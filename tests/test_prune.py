@@ -227,30 +227,41 @@ def test_reprune_from_saved_importance_equals_recalibrating(source, tmp_path, ca
     assert set(b) == set(c) and all(torch.equal(b[k], c[k]) for k in b)
 
 
-@pytest.mark.dist
-def test_tp2_and_pp2_prune_like_tp1(source, tmp_path, calib):
+LAYOUTS = [(1, 1), (2, 1), (1, 2)]
+"""(TP, PP) layouts at which the same prune is run (one process, two TP ranks, two stages)."""
+
+
+@pytest.fixture(scope="module")
+def layout_prunes(source, calib, tmp_path_factory):
+    """The same width + depth prune (merged heads) at each of LAYOUTS, once per module: (tp,
+    pp) -> (output directory, report, importance). Read by the two tests below."""
     cfg = PruneConfig(
         hidden_size=48,
         ffn_hidden_size=64,
         num_attention_heads=2,
         num_layers=2,
+        merge_pruned_heads=True,
         depth_eval_samples=4,
         micro_batch_size=2,
     )
+    root = tmp_path_factory.mktemp("layout_prunes")
     results = {}
-    for tp, pp in [(1, 1), (2, 1), (1, 2)]:
-        out = tmp_path / f"tp{tp}pp{pp}"
+    for tp, pp in LAYOUTS:
+        out = root / f"tp{tp}pp{pp}"
         report = run_prune(source["mc"], out, cfg, calib(), tp=tp, pp=pp)
-        results[(tp, pp)] = (
-            report,
-            torch.load(out / "importance.pt", weights_only=False),
-            _state(out / "hf"),
-        )
-    ref_report, ref_imp, ref_state = results[(1, 1)]
+        results[(tp, pp)] = (out, report, torch.load(out / "importance.pt", weights_only=False))
+    return results
+
+
+@pytest.mark.dist
+def test_tp2_and_pp2_prune_like_tp1(layout_prunes):
+    _, ref_report, ref_imp = layout_prunes[(1, 1)]
+    ref_state = _state(layout_prunes[(1, 1)][0] / "hf")
     # TP=2 sums row-parallel partial products in another order than TP=1, so activations (and
     # importance) differ in the last bits; the ranking, hence every pruned weight, is identical.
     for layout in [(2, 1), (1, 2)]:
-        report, imp, state = results[layout]
+        out, report, imp = layout_prunes[layout]
+        state = _state(out / "hf")
         assert report["dropped_layers"] == ref_report["dropped_layers"]
         for key in ("heads", "neurons", "channels", "block_importance"):
             torch.testing.assert_close(imp[key], ref_imp[key], rtol=1e-6, atol=0)
@@ -258,7 +269,7 @@ def test_tp2_and_pp2_prune_like_tp1(source, tmp_path, calib):
         assert all(torch.equal(state[k], ref_state[k]) for k in state), layout
     # PP only moves activations between stages: its importance is bitwise identical.
     for key in ("heads", "neurons", "channels", "block_importance"):
-        assert torch.equal(results[(1, 2)][1][key], ref_imp[key]), key
+        assert torch.equal(layout_prunes[(1, 2)][2][key], ref_imp[key]), key
 
 
 @pytest.mark.parametrize(
@@ -295,8 +306,10 @@ def test_impossible_targets_are_refused_before_work(source, tmp_path, targets, t
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)], ids=["tp1", "tp2", "pp2"])
-def test_shard_local_pruning_equals_the_whole_model_round_trip(source, tmp_path, calib, tp, pp):
+@pytest.mark.parametrize("tp,pp", LAYOUTS, ids=["tp1", "tp2", "pp2"])
+def test_shard_local_pruning_equals_the_whole_model_round_trip(
+    source, layout_prunes, tmp_path, tp, pp
+):
     """The pruned checkpoint sliced on the shards equals, bit for bit, the old path: slice the
     whole HF state in one process, write it as an HF directory, convert at the same TP/PP."""
     from minitron_nemo.convert.mcore_to_hf import write_hf_config
@@ -304,21 +317,9 @@ def test_shard_local_pruning_equals_the_whole_model_round_trip(source, tmp_path,
     from minitron_nemo.prune.select import select
     from minitron_nemo.prune.slice import slice_state_dict
 
-    cfg = PruneConfig(
-        hidden_size=48,
-        ffn_hidden_size=64,
-        num_attention_heads=2,
-        num_layers=2,
-        depth_method="block_importance",
-        depth_scores=False,
-        merge_pruned_heads=True,
-        depth_eval_samples=4,
-        micro_batch_size=2,
-    )
-    report = run_prune(source["mc"], tmp_path / "new", cfg, calib(), tp=tp, pp=pp)
-    imp = torch.load(tmp_path / "new" / "importance.pt", weights_only=False)
+    new_dir, report, imp = layout_prunes[(tp, pp)]
     src_arch = ModelArch.load(source["mc"] / "arch.yaml")
-    arch = ModelArch.load(tmp_path / "new" / "ckpt" / "arch.yaml")
+    arch = ModelArch.load(new_dir / "ckpt" / "arch.yaml")
     plan = select(
         src_arch, arch, imp["heads"], imp["neurons"], imp["channels"], report["kept_layers"]
     )
@@ -329,13 +330,13 @@ def test_shard_local_pruning_equals_the_whole_model_round_trip(source, tmp_path,
     write_hf_config(arch, torch.float32, old_hf)
     hf_to_mcore(old_hf, tmp_path / "old", tp=tp, pp=pp)
     with distributed.initialize(tp=1, pp=1):
-        new_model, _ = load_model(tmp_path / "new" / "ckpt")
+        new_model, _ = load_model(new_dir / "ckpt")
         old_model, _ = load_model(tmp_path / "old")
         new, old = new_model.state_dict(), old_model.state_dict()
         keys = [k for k in old if "extra_state" not in k]
         assert keys and all(torch.equal(new[k], old[k]) for k in keys)
     assert len(report["dropped_layers"]) == 2 and arch.num_layers == 2
-    exported = _state(tmp_path / "new" / "hf")  # the streamed HF copy of the new checkpoint
+    exported = _state(new_dir / "hf")  # the streamed HF copy of the new checkpoint
     assert set(exported) == set(sliced) and all(torch.equal(exported[k], sliced[k]) for k in sliced)
 
 
