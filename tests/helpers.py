@@ -128,14 +128,12 @@ def torchrun(
     script: Path, nproc: int, *args: str, timeout: int = 600
 ) -> subprocess.CompletedProcess:
     """Run `script` under torchrun on `nproc` CPU ranks (gloo); raise with its output on failure."""
-    from minitron_nemo.runtime.distributed import free_port
-
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
+        "--standalone",  # torchrun binds a port the OS picks: no race with concurrent tests
         str(script),
         *args,
     ]

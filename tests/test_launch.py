@@ -115,3 +115,36 @@ def test_stages_in_one_process_leave_the_excepthook_as_they_found_it():
         with distributed.initialize():
             pass
     assert sys.excepthook is hook
+
+
+def _initialize_twice(out: str) -> None:
+    """Rank job: two process groups one after the other, each all-reducing rank + 1."""
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    from minitron_nemo.runtime import distributed
+
+    sums = []
+    for _ in range(2):
+        with distributed.initialize(tp=1, pp=1) as ctx:
+            value = torch.tensor([float(ctx.rank + 1)])
+            dist.all_reduce(value)
+            sums.append(value.item())
+    if ctx.rank == 0:
+        Path(out).write_text(json.dumps(sums))
+
+
+@pytest.mark.dist
+def test_spawned_ranks_meet_at_the_launchers_store_twice_in_one_job(tmp_path, monkeypatch):
+    """Spawned ranks need no port chosen in advance (the launcher serves their store) and a job
+    that starts a second process group after the first meets again (its own key prefix)."""
+    import json
+
+    from minitron_nemo.runtime.launch import run_on_ranks
+
+    monkeypatch.delenv("MINITRON_LAUNCHER", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    run_on_ranks(_initialize_twice, 2, str(tmp_path / "sums.json"))
+    assert json.loads((tmp_path / "sums.json").read_text()) == [3.0, 3.0]

@@ -129,6 +129,7 @@ def test_vocab_parallel_two_ranks_equal_one(tmp_path):
     out = tmp_path / "result.json"
     torchrun(REPO / "tests/dist/vocab_loss_worker.py", 2, str(out))
     result = json.loads(out.read_text())
+    assert len(result) == 4  # forward / reverse, each in one block and in blocks of 3 rows
     for kind, errs in result.items():
         assert errs["kl_err"] < 1e-6 and errs["nll_err"] < 1e-6, (kind, errs)
         assert errs["grad_err"] < 1e-6, (kind, errs)

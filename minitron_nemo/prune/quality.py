@@ -31,7 +31,11 @@ def hf_model_from_state(arch: ModelArch, state: dict[str, torch.Tensor]):
     without transformers' random initialisation, which would be overwritten anyway and took
     ~0.9 s of each ~3 s scored choice of SmolLM2-135M on 2 cores."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
+
+    try:  # transformers 5
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4 (setup.py allows >= 4.56)
+        from transformers.modeling_utils import no_init_weights
 
     from minitron_nemo.models.families import family_by_name
 

@@ -5,9 +5,11 @@ Usage::
     with distributed.initialize(tp=2, pp=1) as ctx:
         ...  # ctx.rank, ctx.tp_rank, ctx.device
 
-Launched by torchrun the usual env (RANK, WORLD_SIZE, MASTER_ADDR, ...) is used; a plain
-`python` process becomes a world of one. Backend: nccl with CUDA, gloo otherwise. On an
-exception the process group is aborted so peers fail fast instead of hanging.
+Launched by torchrun the usual env (RANK, WORLD_SIZE, MASTER_ADDR, ...) is used; ranks started
+by `runtime.launch` meet at the store their launcher serves (MINITRON_STORE_PORT), each
+initialisation under its own key prefix; a plain `python` process becomes a world of one with
+an in-memory store (no port). Backend: nccl with CUDA, gloo otherwise. On an exception the
+process group is aborted so peers fail fast instead of hanging.
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ import torch.distributed as dist
 
 from minitron_nemo.errors import MinitronError
 from minitron_nemo.runtime import cpu_compat
+
+STORE_PORT_ENV = "MINITRON_STORE_PORT"
+"""Port of the key-value store served on MASTER_ADDR by the process that started the ranks."""
+
+_initializations = 0
+"""Process groups this process has started (every rank starts them in the same order, so the
+count names the same rendezvous on each)."""
 
 
 @dataclass(frozen=True)
@@ -87,22 +96,19 @@ def initialize(
             f"expert parallel size {ep} must divide the data-parallel size "
             f"{world_size // (tp * pp)} (world {world_size} / (tp {tp} x pp {pp}))"
         )
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        if world_size > 1:
-            raise MinitronError("MASTER_PORT is not set for a multi-process run (use torchrun)")
-        os.environ["MASTER_PORT"] = str(free_port())
     device = _device(local_rank)
     owns_group = not dist.is_initialized()
     # init_process_group wraps sys.excepthook to prefix "[rankN]: "; every init would wrap it
     # again, so a process that runs several stages would print "[rank0]: [rank0]: ...".
     excepthook = sys.excepthook
     if owns_group:
+        timeout = datetime.timedelta(minutes=30)
         dist.init_process_group(
             backend="nccl" if device.type == "cuda" else "gloo",
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(minutes=30),
+            timeout=timeout,
+            store=_rendezvous_store(world_size, timeout),
         )
     failed = False
     try:
@@ -136,8 +142,25 @@ def initialize(
             else:
                 dist.destroy_process_group()
                 sys.excepthook = excepthook
-        if os.environ.get("WORLD_SIZE") is None:
-            os.environ.pop("MASTER_PORT", None)
+
+
+def _rendezvous_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """Where the ranks meet: the launcher's store (a fresh key prefix per initialisation, so a
+    job that initialises twice never reads the first one's keys), an in-memory store for a
+    world of one, or None (torchrun's env:// rendezvous at MASTER_ADDR:MASTER_PORT)."""
+    global _initializations
+    port = os.environ.get(STORE_PORT_ENV)
+    if port is not None:
+        _initializations += 1
+        client = dist.TCPStore(
+            os.environ.get("MASTER_ADDR", "127.0.0.1"), int(port), is_master=False, timeout=timeout
+        )
+        return dist.PrefixStore(f"init{_initializations}", client)
+    if world_size == 1 and "MASTER_PORT" not in os.environ:
+        return dist.HashStore()
+    if "MASTER_PORT" not in os.environ:
+        raise MinitronError("MASTER_PORT is not set for a multi-process run (use torchrun)")
+    return None
 
 
 def _abort_process_group() -> None:

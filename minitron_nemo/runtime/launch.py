@@ -1,8 +1,9 @@
 """Run a function on N ranks.
 
 By default the ranks are local processes started with the spawn method (a world of one runs in
-this process). With MINITRON_LAUNCHER set, they are started by torchrun instead, prefixed by
-that command for multi-node jobs, e.g. under Slurm
+this process); they meet at a key-value store that this process serves on a port the OS
+picked. With MINITRON_LAUNCHER set, they are started by torchrun instead, prefixed by that
+command for multi-node jobs, e.g. under Slurm
 ``MINITRON_LAUNCHER="srun --nodes={nodes} --relative=0 --ntasks-per-node=1"`` with
 MINITRON_PROCS_PER_NODE=8 (GPUs per node) and MINITRON_RDZV_ENDPOINT=<first node>:29500: a
 stage of N ranks uses ceil(N / 8) nodes, one torchrun each, with a c10d rendezvous;
@@ -25,16 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from minitron_nemo.errors import MinitronError, Stopped
 from minitron_nemo.runtime import cpu_compat
-from minitron_nemo.runtime.distributed import free_port
+from minitron_nemo.runtime.distributed import STORE_PORT_ENV, free_port
 from minitron_nemo.runtime.preemption import forward_signals
 
 
 def _rank_entry(
-    local_rank: int, fn: Callable[..., Any], nprocs: int, port: int, args: tuple
+    local_rank: int, fn: Callable[..., Any], nprocs: int, store_port: int, args: tuple
 ) -> None:
     os.environ.update(
         RANK=str(local_rank),
@@ -42,7 +44,7 @@ def _rank_entry(
         WORLD_SIZE=str(nprocs),
         LOCAL_WORLD_SIZE=str(nprocs),
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
+        **{STORE_PORT_ENV: str(store_port)},
     )
     if not cpu_compat.cuda_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
@@ -66,9 +68,14 @@ def run_on_ranks(
     if launcher:
         received = run_with_torchrun(fn, nprocs, args, launcher)
     else:
+        # The ranks meet at a key-value store served by this process on a port the OS picked
+        # and still holds (as torchrun's agent does): no port is chosen, released and bound
+        # again later, which another process (a concurrent launch, gloo's own connections)
+        # could take in between ("EADDRINUSE" when the first rank starts its store).
+        store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         context = mp.start_processes(
             _rank_entry,
-            args=(fn, nprocs, free_port(), args),
+            args=(fn, nprocs, store.port, args),
             nprocs=nprocs,
             start_method="spawn",
             join=False,
@@ -80,6 +87,7 @@ def run_on_ranks(
             except mp.ProcessExitedException:
                 if not received:
                     raise
+        del store
     if received and not handles_stop:
         raise Stopped("stopped by a signal; rerun the same command to resume")
 
@@ -95,7 +103,11 @@ def run_with_torchrun(fn: Callable[..., Any], nprocs: int, args: tuple, launcher
         raise MinitronError(
             f"{nprocs} ranks cannot be spread evenly over {nnodes} nodes of {per_node} processes"
         )
-    endpoint = os.environ.get("MINITRON_RDZV_ENDPOINT") or f"127.0.0.1:{free_port()}"
+    # One node: port 0, torchrun's agent binds a port the OS picks (no race with other
+    # processes); several nodes need MINITRON_RDZV_ENDPOINT (a free port here only serves
+    # nodes simulated on this machine).
+    default = "127.0.0.1:0" if nnodes == 1 else f"127.0.0.1:{free_port()}"
+    endpoint = os.environ.get("MINITRON_RDZV_ENDPOINT") or default
     job_dir = Path(os.environ.get("MINITRON_JOB_DIR", "."))
     job_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(
