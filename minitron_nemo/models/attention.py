@@ -62,4 +62,7 @@ class SDPACoreAttention(MegatronModule):
             scale=self.softmax_scale,
             enable_gqa=True,
         )
-        return out_bnsd.permute(2, 0, 1, 3).reshape(s, b, n * d)
+        # Contiguous [s, b, n*d] for linear_proj: a strided view (CPU SDPA's output is laid out
+        # [b, s, n, d]) made its weight-gradient GEMM run at 129 instead of 281 GFLOPS on 2 cores
+        # (bench/kd_throughput.py, torch.profiler); the forward GEMM copied it anyway.
+        return out_bnsd.permute(2, 0, 1, 3).contiguous().view(s, b, n * d)
