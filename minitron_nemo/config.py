@@ -350,6 +350,11 @@ class DistillConfig:
     """TE layer spec with its fused kernels (RoPE, SwiGLU): auto = when importable on a GPU."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recompute: selective (core attention) or full (every layer)."""
+    cpu_compile: bool = False
+    """On CPU: compile the transformer layers and the KD loss with torch.compile (fused
+    elementwise kernels; ~1.2x the eager step after a one-off compilation of ~35 s, seconds
+    once inductor's on-disk cache has the graphs). Needs tensor / pipeline / expert parallel
+    size 1, dense models and no recompute. Ignored on GPUs (TE's fused kernels do that job)."""
     distributed_optimizer: bool | None = None
     """Shard optimizer state over data-parallel ranks (None: on GPU; it refuses CPU params)."""
     overlap_grad_reduce: bool = False
@@ -369,6 +374,11 @@ class DistillConfig:
         if self.fp8 is not None and self.transformer_engine == "off":
             raise MinitronError(
                 "distill.fp8 runs through TransformerEngine: transformer_engine off"
+            )
+        if self.cpu_compile and self.recompute != "none":
+            raise MinitronError(
+                "distill.cpu_compile compiles whole layers: it needs distill.recompute: none "
+                f"(got {self.recompute})"
             )
         if self.overlap_param_gather and self.distributed_optimizer is False:
             raise MinitronError(

@@ -188,6 +188,32 @@ def test_half_written_checkpoint_is_never_picked_up(models, data, uninterrupted,
     assert all(torch.equal(w_res[k], w_full[k]) for k in w_full)
 
 
+def test_cpu_compile_trains_like_eager_without_graph_breaks(models, data, tmp_path):
+    """distill.cpu_compile (layers and KD loss through torch.compile, runtime/cpu_compat.py)
+    trains like the eager loop: the same losses and weights up to the rounding of fused
+    kernels, through chunked KD with temperature, LM loss and an intermediate-loss pair (its
+    forward hooks on compiled layers). No graph break: one would split every layer at its
+    linear layers and lose most of the gain (megatron's deprecation warnings did)."""
+    from torch._dynamo.utils import counters
+
+    cfg = _cfg(steps=3, save_every=3, temperature=2.0, lm_weight=0.5,
+               intermediate_pairs=[[1, 3]])  # fmt: skip
+    train(models / "student", tmp_path / "eager", cfg, data, models / "teacher")
+    counters.clear()
+    cfg = dataclasses.replace(cfg, cpu_compile=True)
+    train(models / "student", tmp_path / "compiled", cfg, data, models / "teacher")
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] > 0  # it did compile
+    for key in ("loss", "loss_logits", "loss_lm"):
+        eager, compiled = _losses(tmp_path / "eager", key), _losses(tmp_path / "compiled", key)
+        assert compiled == pytest.approx(eager, rel=1e-5), key
+    w_eager = _weights(tmp_path / "eager" / "checkpoints" / "step_000003")
+    w_compiled = _weights(tmp_path / "compiled" / "checkpoints" / "step_000003")
+    for name, tensor in w_eager.items():
+        err = (w_compiled[name] - tensor).abs().max().item()
+        assert err < 1e-4, (name, err)  # as test_parallel_layouts_match_one_process
+
+
 def test_lm_mode_trains_without_teacher(models, tmp_path):
     """LM loss only (scratch baseline / teacher correction) learns a predictable sequence; a
     warmup as long as the run (teacher correction's default: 120 > 20 steps) is clamped."""
@@ -222,5 +248,10 @@ def test_refusals(models, data, tmp_path):
             data,
             models / "teacher",
         )
+    with pytest.raises(MinitronError, match=r"cpu_compile needs parallel\.tp, pp and ep of 1"):
+        compiled = _cfg(cpu_compile=True)
+        train(models / "student", tmp_path / "f", compiled, data, models / "teacher", tp=2)
+    with pytest.raises(MinitronError, match=r"cpu_compile compiles whole layers"):
+        _cfg(cpu_compile=True, recompute="full")
     with pytest.raises(MinitronError, match=r"distill\.kl: expected"):
         train(models / "student", tmp_path / "c", _cfg(kl="js"), data, models / "teacher")

@@ -27,17 +27,23 @@ def _logits(t=13, v=37, seed=0, dtype=torch.float64):
 @pytest.mark.parametrize("kind", ["forward", "reverse"])
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 @pytest.mark.parametrize("nll_grad", [False, True])
-@pytest.mark.parametrize("block_rows", [None, 4])
+@pytest.mark.parametrize("block_rows", [None, 4, "whole"])
 def test_fused_equals_reference_values_and_gradients(
     kind, temperature, nll_grad, block_rows, monkeypatch
 ):
     s, t, labels = _logits()
-    if block_rows:  # 13 rows reduced as blocks of 4, 4, 4, 1
+    if block_rows == "whole":  # distill.cpu_compile's out-of-place math (compiled in training)
+        monkeypatch.setattr(
+            vocab_loss, "_compiled_whole_chunk_losses", lambda: vocab_loss._whole_chunk_losses
+        )
+    elif block_rows:  # 13 rows reduced as blocks of 4, 4, 4, 1
         monkeypatch.setattr(vocab_loss, "ROW_BLOCK_ELEMENTS", block_rows * s.shape[1])
     s_ref, s_new = s.clone().requires_grad_(), s.clone().requires_grad_()
     kl_ref = kl_divergence(s_ref, t, temperature, kind)  # mean * T^2
     nll_ref = F.cross_entropy(s_ref, labels)
-    kl_t, nll_t = vocab_losses(s_new, t, labels, temperature, kind, nll_grad)
+    kl_t, nll_t = vocab_losses(
+        s_new, t, labels, temperature, kind, nll_grad, compiled=block_rows == "whole"
+    )
     kl_new = kl_t.mean() * temperature**2
     torch.testing.assert_close(kl_new, kl_ref, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(nll_t.mean(), nll_ref, rtol=1e-12, atol=1e-14)
@@ -47,15 +53,19 @@ def test_fused_equals_reference_values_and_gradients(
     torch.testing.assert_close(s_new.grad, s_ref.grad, rtol=1e-10, atol=1e-13)
 
 
-def test_nll_only_and_no_gradient_through_logging_nll():
+@pytest.mark.parametrize("whole", [False, True], ids=["rows", "whole"])
+def test_nll_only_and_no_gradient_through_logging_nll(whole, monkeypatch):
+    monkeypatch.setattr(
+        vocab_loss, "_compiled_whole_chunk_losses", lambda: vocab_loss._whole_chunk_losses
+    )
     s, _, labels = _logits()
     x = s.clone().requires_grad_()
-    kl_t, nll_t = vocab_losses(x, None, labels, nll_grad=True)
+    kl_t, nll_t = vocab_losses(x, None, labels, nll_grad=True, compiled=whole)
     assert torch.equal(kl_t, torch.zeros_like(kl_t))
     nll_t.mean().backward()
     torch.testing.assert_close(x.grad, F.softmax(s, -1).sub(F.one_hot(labels, 37)) / 13)
     y = s.clone().requires_grad_()
-    kl_t, nll_t = vocab_losses(y, s.clone(), labels, nll_grad=False)
+    kl_t, nll_t = vocab_losses(y, s.clone(), labels, nll_grad=False, compiled=whole)
     assert kl_t.abs().max() < 1e-12  # identical distributions
     kl_t.sum().backward()
     assert y.grad.abs().max() < 1e-12

@@ -56,6 +56,26 @@ def check_pairs(pairs: list[list[int]], student: ModelArch, teacher: ModelArch, 
             )
 
 
+def check_cpu_compile(
+    cfg: DistillConfig, student: ModelArch, teacher_ckpt: Path | None, tp: int, pp: int, ep: int
+) -> None:
+    """distill.cpu_compile covers one model-parallel rank and dense models (runtime/cpu_compat
+    `compile_layers`): refuse the rest before the ranks start."""
+    if tp > 1 or pp > 1 or ep > 1:
+        raise MinitronError(
+            f"distill.cpu_compile needs parallel.tp, pp and ep of 1 (got {tp}, {pp}, {ep}); "
+            "data parallelism is fine"
+        )
+    teacher = None
+    if cfg.mode == "distill" and teacher_ckpt is not None and cfg.teacher_cache is None:
+        teacher = ModelArch.load(teacher_ckpt / "arch.yaml")
+    if student.is_moe or (teacher is not None and teacher.is_moe):
+        raise MinitronError(
+            "distill.cpu_compile covers dense models only (an MoE layer routes tokens into "
+            "shapes that change every step)"
+        )
+
+
 def _check_tokenizers(student: Path, teacher: Path) -> None:
     """Teacher and student must share token ids: refuse different token strings."""
     s_tok, t_tok = (
@@ -112,6 +132,8 @@ def train(
             f"{cfg.mode}: training an MoE model at tp = {tp} needs parallel.sequence_parallel "
             "(megatron's rule; it needs GPUs): set it, or train at tp = 1 with parallel.ep"
         )
+    if cfg.cpu_compile:
+        check_cpu_compile(cfg, arch, teacher_ckpt, tp, pp, ep)
     if cfg.intermediate_pairs and cfg.mode == "distill":
         check_pairs(cfg.intermediate_pairs, arch, ModelArch.load(teacher_ckpt / "arch.yaml"), pp)
     # The train view for this training's length, built once before the ranks start.

@@ -39,6 +39,7 @@ from minitron_nemo.distill.pair import KDPair, output_weight
 from minitron_nemo.distill.topk_loss import TeacherTopK
 from minitron_nemo.distill.vocab_loss import chunked_vocab_losses
 from minitron_nemo.models.arch import ModelArch
+from minitron_nemo.runtime import cpu_compat
 from minitron_nemo.runtime.preemption import StopRequest
 
 
@@ -125,6 +126,8 @@ class Trainer:
         from minitron_nemo.models.build import build_model
 
         cfg = self.cfg
+        # Layouts it does not cover were refused before the ranks started (train.py).
+        self.compiled = cfg.cpu_compile and not cpu_compat.cuda_available()
         model_kwargs = dict(
             use_te=cfg.transformer_engine,
             sequence_parallel=self.sequence_parallel,
@@ -136,7 +139,7 @@ class Trainer:
             perform_initialization=init_random,
             fp8=cfg.fp8,
             moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
-            wgrad_into_main_grad=True,
+            wgrad_into_main_grad=not self.compiled,  # see cpu_compat.compile_layers
             **model_kwargs,
         )
         if not init_random:
@@ -157,6 +160,10 @@ class Trainer:
                 sequence_parallel=self.sequence_parallel,
             )
             checkpoint.load_weights(self.teacher, teacher_ckpt / "weights")
+        if self.compiled:
+            for model in (self.student, self.teacher):
+                if model is not None:
+                    cpu_compat.compile_layers(model)
         self.projection = None
         if cfg.intermediate_pairs and self.teacher is not None:
             torch.manual_seed(cfg.seed)
@@ -343,6 +350,7 @@ class Trainer:
             group=tp_group,
             top_k=cfg.top_k,
             cached=cached if distill else None,
+            compiled=self.compiled,
         )
         terms: dict[str, torch.Tensor] = {"loss_lm": nll_t.mean()}
         total = lm_weight * terms["loss_lm"] if lm_weight > 0 else None

@@ -22,6 +22,8 @@ so full-vocabulary fp32 logits of both models never exist at once.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -30,6 +32,7 @@ from minitron_nemo.distill.topk_loss import TeacherTopK, teacher_top_k, top_k_lo
 from minitron_nemo.distill.vocab_parallel import (
     gather_labels,
     log_softmax,
+    parallel,
     save_for_student_grad,
     student_grad,
     sum_tokens,
@@ -76,6 +79,42 @@ def _block_losses(s, t, labels_t, temperature, kind, nll_grad, vocab_start, grou
     return kl_t, nll_t
 
 
+def _whole_chunk_losses(s, t, labels_t, temperature: float, kind: str, nll_grad: bool):
+    """(kl_t, nll_t, kl_dir, q1) of a whole chunk on one rank: `_block_losses`' per-row math
+    written out of place, for torch.compile (`chunked_vocab_losses(compiled=True)`), which fuses
+    the softmaxes, the KL and its gradient direction into a few passes over each row of logits
+    and writes only the outputs (no [t, v] temporaries, so no row blocks are needed)."""
+    s = upcast(s)
+    log_q1 = torch.log_softmax(s, dim=-1)
+    nll_t = -log_q1.gather(-1, labels_t[:, None]).squeeze(-1)
+    q1 = log_q1.exp() if nll_grad else None
+    if t is None:
+        return torch.zeros_like(nll_t), nll_t, None, q1
+    t = upcast(t)
+    if temperature != 1.0:
+        s, t = s / temperature, t / temperature
+    log_q = log_q1 if temperature == 1.0 else torch.log_softmax(s, dim=-1)
+    log_p = torch.log_softmax(t, dim=-1)
+    if kind == "forward":
+        p = log_p.exp()
+        kl_t = (p * (log_p - log_q)).sum(-1)
+        kl_dir = log_q.exp() - p  # q - p
+    else:  # reverse: KL(q || p)
+        q = log_q.exp()
+        diff = log_q - log_p
+        kl_t = (q * diff).sum(-1)
+        kl_dir = (diff - kl_t[:, None]) * q
+    if temperature != 1.0:
+        kl_dir = kl_dir / temperature
+    return kl_t, nll_t, kl_dir, q1
+
+
+@functools.cache
+def _compiled_whole_chunk_losses():
+    """`_whole_chunk_losses` compiled once per process (dynamic shapes: chunks of any size)."""
+    return torch.compile(_whole_chunk_losses, dynamic=True)
+
+
 class _VocabLosses(torch.autograd.Function):
     """(kl_t, nll_t) of one chunk; see the module docstring for the formulas."""
 
@@ -91,7 +130,16 @@ class _VocabLosses(torch.autograd.Function):
         vocab_start: int,
         group,
         backward_once: bool,
+        compiled: bool,
     ):
+        if compiled and not parallel(group):
+            kl_t, nll_t, kl_dir, q1 = _compiled_whole_chunk_losses()(
+                student_tv, teacher_tv, labels_t, temperature, kind, nll_grad
+            )
+            save_for_student_grad(
+                ctx, kl_dir, q1, labels_t, vocab_start, student_tv.dtype, backward_once
+            )
+            return kl_t, nll_t
         n, v = student_tv.shape
         buffer = dict(dtype=upcast(student_tv).dtype, device=student_tv.device)
         kl_dir = torch.empty(n, v, **buffer) if teacher_tv is not None else None
@@ -120,7 +168,7 @@ class _VocabLosses(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_kl_t: torch.Tensor, grad_nll_t: torch.Tensor):
-        return (student_grad(ctx, grad_kl_t, grad_nll_t),) + (None,) * 8
+        return (student_grad(ctx, grad_kl_t, grad_nll_t),) + (None,) * 9
 
 
 def vocab_losses(
@@ -133,17 +181,19 @@ def vocab_losses(
     vocab_start: int = 0,
     group=None,
     backward_once: bool = True,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token KL (zeros without a teacher) and student NLL of one chunk of logit slices.
 
     The KL carries a gradient; the NLL too when `nll_grad` (LM loss in the objective), else it is
     only for logging. Logits of padded vocabulary rows must be PAD_LOGIT already.
-    `backward_once`: see vocab_parallel.save_for_student_grad."""
+    `backward_once`: see vocab_parallel.save_for_student_grad. `compiled`: on one rank, the
+    same math through torch.compile (`_whole_chunk_losses`); the TP-split path stays eager."""
     if kind not in ("forward", "reverse"):
         raise ValueError(f"kind must be forward or reverse, got {kind!r}")
     return _VocabLosses.apply(
         student_tv, teacher_tv, labels_t, temperature, kind, nll_grad, vocab_start, group,
-        backward_once,
+        backward_once, compiled,
     )  # fmt: skip
 
 
@@ -178,6 +228,7 @@ def _chunk(
     top_k: int | None,
     nll_grad: bool,
     group,
+    compiled: bool = False,
 ):
     student = output_logits(h_s, w_s, vocab_size, vocab_start)
     teacher = None
@@ -193,7 +244,10 @@ def _chunk(
             )
     if cached is not None:
         return top_k_losses(student, cached, labels_t, temperature, nll_grad, vocab_start, group)
-    return vocab_losses(student, teacher, labels_t, temperature, kind, nll_grad, vocab_start, group)
+    return vocab_losses(
+        student, teacher, labels_t, temperature, kind, nll_grad, vocab_start, group,
+        compiled=compiled,
+    )  # fmt: skip
 
 
 def chunked_vocab_losses(
@@ -211,6 +265,7 @@ def chunked_vocab_losses(
     group=None,
     top_k: int | None = None,
     cached: TeacherTopK | None = None,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (KL, NLL) [t] from final hidden states and output-layer weight slices, the
     logits made chunk by chunk. `hidden_s_th` must already be the input of a column-parallel
@@ -218,7 +273,8 @@ def chunked_vocab_losses(
 
     kind "topk" is the KL against the teacher's top `top_k` tokens and tail (topk_loss.py),
     taken from the teacher's hidden states and output weight, or from `cached` (a teacher
-    cache's rows for these tokens, in the same order) when there is no teacher."""
+    cache's rows for these tokens, in the same order) when there is no teacher. `compiled`:
+    see `vocab_losses` (the top-K loss stays eager)."""
     if kind == "topk" and hidden_t_th is None and cached is None:
         raise ValueError("kind topk needs the teacher's hidden states or its cached top K")
     n = hidden_s_th.shape[0]
@@ -239,6 +295,7 @@ def chunked_vocab_losses(
             top_k,
             nll_grad,
             group,
+            compiled,
         )
         if chunk < n and torch.is_grad_enabled():
             kl_c, nll_c = checkpoint(_chunk, *args, use_reentrant=False)
