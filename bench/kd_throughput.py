@@ -2,14 +2,17 @@
 stack against a plain HF-transformers KD loop, same shapes, device and data.
 
 usage: .venv/bin/python bench/kd_throughput.py [--shape smollm2|1.2b|8b] [--seq 128] [--mbs 4]
-           [--steps 6] [--dtype fp32|bf16] [--work DIR]
+           [--steps 6] [--dtype fp32|bf16] [--work DIR] [--cpu-compile]
   smollm2: SmolLM2-135M-Instruct (real weights) -> width-pruned student (hidden x0.75, MLP x0.5)
   1.2b:    random Llama-3.2-1B shapes -> random 0.74B student (hidden 1536, MLP 6144)
   8b:      random Llama-3.1-8B shapes -> random Minitron-4B-Width student (hidden 3072, MLP 9216)
 A rerun with the same arguments reuses the models and data prepared in --work. Each loop runs
 in its own process (peak memory is its own: max RSS on CPU, max allocated on GPU); the HF loop
 runs before and after ours and their mean is the baseline, because the speed of a shared machine
-drifts over a run. Prints one JSON object: tokens/s, MFU, peak memory.
+drifts over a run. --cpu-compile adds a run of ours with `distill.cpu_compile` (CPU only: the
+layers and the KD loss through torch.compile) after the eager one. The first step of every loop
+is not timed (warm-up; with --cpu-compile it is the compilation). Prints one JSON object:
+tokens/s, MFU, peak memory.
 """
 
 from __future__ import annotations
@@ -197,6 +200,7 @@ def run_hf(args, paths: dict) -> dict:
     step_time = sum(times[1:]) / len(times[1:])
     return {
         "tokens_per_s": args.mbs * args.seq / step_time,
+        "first_step_s": times[0],
         "peak_memory_gib": peak_memory_gib(device),
     }
 
@@ -219,11 +223,17 @@ def run_ours(args, paths: dict, work: Path) -> dict:
         save_every=10**9,
         kd_chunk_tokens=args.kd_chunk_tokens,
         clip_grad=0.0,  # the HF loop does not clip either
+        cpu_compile=args.role == "ours_compiled",
     )
     shutil.rmtree(work / "kd", ignore_errors=True)
     train(Path(paths["student_ckpt"]), work / "kd", cfg, data, Path(paths["teacher_ckpt"]))
-    rates = [m["tokens_per_s"] for m in read_metrics(work / "kd")][1:]
-    return {"tokens_per_s": sum(rates) / len(rates), "peak_memory_gib": peak_memory_gib(device)}
+    metrics = read_metrics(work / "kd")
+    rates = [m["tokens_per_s"] for m in metrics][1:]
+    return {
+        "tokens_per_s": sum(rates) / len(rates),
+        "first_step_s": metrics[0]["step_time_s"],
+        "peak_memory_gib": peak_memory_gib(device),
+    }
 
 
 def main() -> None:
@@ -237,7 +247,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--kd-chunk-tokens", type=int, default=4096)
     parser.add_argument("--work", type=Path, default=Path("/tmp/minitron_kd_bench"))
-    parser.add_argument("--role", choices=["hf", "ours"])
+    parser.add_argument("--cpu-compile", action="store_true")
+    parser.add_argument("--role", choices=["hf", "ours", "ours_compiled"])
     args = parser.parse_args()
     paths_file = args.work / "paths.json"
     if args.role:  # one loop, in this process
@@ -264,7 +275,9 @@ def main() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         return json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
 
-    hf_before, ours, hf_after = role("hf"), role("ours"), role("hf")
+    hf_before, ours = role("hf"), role("ours")
+    compiled = role("ours_compiled") if args.cpu_compile else None
+    hf_after = role("hf")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     peak = matmul_peak_flops(device, dtype)
@@ -276,8 +289,16 @@ def main() -> None:
         "tokens_per_s_before_after": [hf_before["tokens_per_s"], hf_after["tokens_per_s"]],
         "peak_memory_gib": max(hf_before["peak_memory_gib"], hf_after["peak_memory_gib"]),
     }
-    for result in (hf, ours):
-        result["mfu"] = result["tokens_per_s"] * flops_per_token / peak
+    for result in (hf, ours, compiled):
+        if result is not None:
+            result["mfu"] = result["tokens_per_s"] * flops_per_token / peak
+    extra = {}
+    if compiled is not None:
+        extra = {
+            "minitron_cpu_compile": compiled,
+            "speedup_cpu_compile": compiled["tokens_per_s"] / hf["tokens_per_s"],
+            "memory_ratio_cpu_compile": compiled["peak_memory_gib"] / hf["peak_memory_gib"],
+        }
     print(
         json.dumps(
             {
@@ -293,6 +314,7 @@ def main() -> None:
                 "minitron": ours,
                 "speedup": ours["tokens_per_s"] / hf["tokens_per_s"],
                 "memory_ratio": ours["peak_memory_gib"] / hf["peak_memory_gib"],
+                **extra,
             },
             indent=2,
         )
