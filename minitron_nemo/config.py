@@ -531,11 +531,33 @@ def check_against_teacher(cfg: RunConfig) -> None:
     plan_architecture(arch, cfg.prune, cfg.parallel.tp, cfg.parallel.pp)
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true / false. PyYAML (YAML 1.1) also reads on / off / yes / no
+    as booleans, which turned `transformer_engine: off` into False ("expected auto, on or off,
+    got 'False'"); as strings they still convert for bool fields (OmegaConf takes "off")."""
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_YAML11_WORDS = re.compile(r"^(?:on|off|yes|no)$", re.IGNORECASE)
+
+
+def _quote_yaml11_words(override: str) -> str:
+    """`key=off` -> `key="off"` for OmegaConf's override parser (YAML 1.1 booleans too)."""
+    key, sep, value = override.partition("=")
+    return f'{key}="{value}"' if sep and _YAML11_WORDS.match(value.strip()) else override
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MinitronError(f"{path}: recipe not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_RecipeLoader) or {}
     except yaml.YAMLError as exc:
         raise MinitronError(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(data, dict):
@@ -569,7 +591,8 @@ def load_config(
     except OmegaConfBaseException as exc:
         raise MinitronError(f"{source}: {_describe(exc)}") from None
     try:
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides or [])))
+        dotlist = [_quote_yaml11_words(o) for o in overrides or []]
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotlist))
     except OmegaConfBaseException as exc:
         raise MinitronError(f"override: {_describe(exc)}") from None
     try:

@@ -36,6 +36,22 @@ def test_bad_values_fail_at_load_with_the_allowed_values(override, message):
         load_config(REPO / "recipes/smollm2_135m_cpu.yaml", [override])
 
 
+def test_on_and_off_are_words_for_choices_and_booleans_for_flags(tmp_path):
+    """YAML 1.1 reads on / off / yes / no as booleans; for an auto / on / off field that made
+    `transformer_engine: off` an error. In recipes and overrides they stay words, and bool
+    fields still take them."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"base: {REPO / 'recipes/smollm2_135m_cpu.yaml'}\nscratch: off\n"
+        "distill:\n  transformer_engine: off\n"
+    )
+    cfg = load_config(recipe, ["eval.benchmark_pruned=no"])
+    assert cfg.distill.transformer_engine == "off"
+    assert cfg.scratch is False and cfg.eval.benchmark_pruned is False
+    cfg = load_config(recipe, ["distill.transformer_engine=on", "scratch=yes"])
+    assert cfg.distill.transformer_engine == "on" and cfg.scratch is True
+
+
 def test_configs_built_in_python_are_checked_too():
     with pytest.raises(MinitronError, match="distill.kl: expected forward, reverse or topk"):
         DistillConfig(kl="js")
