@@ -223,7 +223,7 @@ def run_ours(args, paths: dict, work: Path) -> dict:
         save_every=10**9,
         kd_chunk_tokens=args.kd_chunk_tokens,
         clip_grad=0.0,  # the HF loop does not clip either
-        cpu_compile=args.role == "ours_compiled",
+        cpu_compile="on" if args.role == "ours_compiled" else "off",
     )
     shutil.rmtree(work / "kd", ignore_errors=True)
     train(Path(paths["student_ckpt"]), work / "kd", cfg, data, Path(paths["teacher_ckpt"]))

@@ -45,11 +45,11 @@ def test_on_and_off_are_words_for_choices_and_booleans_for_flags(tmp_path):
         f"base: {REPO / 'recipes/smollm2_135m_cpu.yaml'}\nscratch: off\n"
         "distill:\n  transformer_engine: off\n"
     )
-    cfg = load_config(recipe, ["eval.benchmark_pruned=no"])
-    assert cfg.distill.transformer_engine == "off"
+    cfg = load_config(recipe, ["distill.cpu_compile=on", "eval.benchmark_pruned=no"])
+    assert (cfg.distill.transformer_engine, cfg.distill.cpu_compile) == ("off", "on")
     assert cfg.scratch is False and cfg.eval.benchmark_pruned is False
-    cfg = load_config(recipe, ["distill.transformer_engine=on", "scratch=yes"])
-    assert cfg.distill.transformer_engine == "on" and cfg.scratch is True
+    cfg = load_config(recipe, ["distill.cpu_compile=off", "scratch=yes"])
+    assert cfg.distill.cpu_compile == "off" and cfg.scratch is True
 
 
 def test_configs_built_in_python_are_checked_too():

@@ -17,9 +17,10 @@ import torch
 from minitron_nemo.checkpoint import load_model
 from minitron_nemo.config import DistillConfig
 from minitron_nemo.distill.checkpoints import latest_checkpoint
-from minitron_nemo.distill.train import train
+from minitron_nemo.distill.train import resolve_cpu_compile, train
 from minitron_nemo.errors import MinitronError
 from minitron_nemo.metrics import read_metrics
+from minitron_nemo.models.arch import ModelArch
 from minitron_nemo.runtime import distributed
 from tests.helpers import (
     REPO,
@@ -200,7 +201,7 @@ def test_cpu_compile_trains_like_eager_without_graph_breaks(models, data, tmp_pa
                intermediate_pairs=[[1, 3]])  # fmt: skip
     train(models / "student", tmp_path / "eager", cfg, data, models / "teacher")
     counters.clear()
-    cfg = dataclasses.replace(cfg, cpu_compile=True)
+    cfg = dataclasses.replace(cfg, cpu_compile="on")
     train(models / "student", tmp_path / "compiled", cfg, data, models / "teacher")
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] > 0  # it did compile
@@ -212,6 +213,23 @@ def test_cpu_compile_trains_like_eager_without_graph_breaks(models, data, tmp_pa
     for name, tensor in w_eager.items():
         err = (w_compiled[name] - tensor).abs().max().item()
         assert err < 1e-4, (name, err)  # as test_parallel_layouts_match_one_process
+
+
+def test_cpu_compile_auto_trains_eagerly_where_on_refuses(models, monkeypatch):
+    """cpu_compile "auto" compiles exactly where "on" would, and trains eagerly where "on"
+    refuses (a model-parallel layout, recompute, no C++ compiler); "off" never compiles."""
+    student = ModelArch.load(models / "student" / "arch.yaml")
+    teacher = models / "teacher"
+
+    def resolve(mode, tp=1, **cfg):
+        return resolve_cpu_compile(_cfg(cpu_compile=mode, **cfg), student, teacher, tp, 1, 1)
+
+    assert resolve("auto") and resolve("on") and not resolve("off")
+    assert not resolve("auto", tp=2) and not resolve("auto", recompute="selective")
+    monkeypatch.setenv("CXX", "no-such-compiler++")
+    assert not resolve("auto")
+    with pytest.raises(MinitronError, match=r"cpu_compile needs a C\+\+ compiler"):
+        resolve("on")
 
 
 def test_lm_mode_trains_without_teacher(models, tmp_path):
@@ -249,9 +267,9 @@ def test_refusals(models, data, tmp_path):
             models / "teacher",
         )
     with pytest.raises(MinitronError, match=r"cpu_compile needs parallel\.tp, pp and ep of 1"):
-        compiled = _cfg(cpu_compile=True)
+        compiled = _cfg(cpu_compile="on")
         train(models / "student", tmp_path / "f", compiled, data, models / "teacher", tp=2)
     with pytest.raises(MinitronError, match=r"cpu_compile compiles whole layers"):
-        _cfg(cpu_compile=True, recompute="full")
+        _cfg(cpu_compile="on", recompute="full")
     with pytest.raises(MinitronError, match=r"distill\.kl: expected"):
         train(models / "student", tmp_path / "c", _cfg(kl="js"), data, models / "teacher")

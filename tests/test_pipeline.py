@@ -35,6 +35,7 @@ def tiny_overrides(root: Path, run_dir: Path) -> list[str]:
         "distill.warmup_steps=1",
         "distill.save_every=3",
         "distill.lr=3e-3",
+        "distill.cpu_compile=off",  # 6 tiny steps: compiling would be most of the test's time
         "eval.tasks=[arc_easy]",
         "eval.limit=3",
     ]
@@ -276,6 +277,7 @@ def test_teacher_correction_stage_feeds_prune_and_distill(tmp_path):
         "teacher_correction.enabled=true",
         "teacher_correction.steps=2",
         "teacher_correction.warmup_steps=1",
+        "distill.cpu_compile=off",
         "eval.tasks=[arc_easy]",
         "eval.limit=2",
     ]

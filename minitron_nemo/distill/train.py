@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +24,8 @@ from minitron_nemo.distill.checkpoints import async_save_available
 from minitron_nemo.errors import MinitronError, Stopped
 from minitron_nemo.models.arch import ModelArch
 from minitron_nemo.runtime.launch import run_on_ranks
+
+log = logging.getLogger(__name__)
 
 
 def check_environment(cfg: DistillConfig) -> None:
@@ -56,24 +59,33 @@ def check_pairs(pairs: list[list[int]], student: ModelArch, teacher: ModelArch, 
             )
 
 
-def check_cpu_compile(
+def resolve_cpu_compile(
     cfg: DistillConfig, student: ModelArch, teacher_ckpt: Path | None, tp: int, pp: int, ep: int
-) -> None:
-    """distill.cpu_compile covers one model-parallel rank and dense models (runtime/cpu_compat
-    `compile_layers`): refuse the rest before the ranks start."""
-    if tp > 1 or pp > 1 or ep > 1:
-        raise MinitronError(
-            f"distill.cpu_compile needs parallel.tp, pp and ep of 1 (got {tp}, {pp}, {ep}); "
-            "data parallelism is fine"
-        )
+) -> bool:
+    """Whether this training compiles (`distill.cpu_compile`, runtime/cpu_compat.py
+    `compile_layers`): "on" refuses what it does not cover, "auto" trains eagerly there."""
+    from minitron_nemo.runtime import cpu_compat
+
+    if cfg.cpu_compile == "off" or cpu_compat.cuda_available():
+        return False
     teacher = None
     if cfg.mode == "distill" and teacher_ckpt is not None and cfg.teacher_cache is None:
         teacher = ModelArch.load(teacher_ckpt / "arch.yaml")
-    if student.is_moe or (teacher is not None and teacher.is_moe):
-        raise MinitronError(
-            "distill.cpu_compile covers dense models only (an MoE layer routes tokens into "
-            "shapes that change every step)"
-        )
+    reason = None
+    if tp > 1 or pp > 1 or ep > 1:
+        reason = f"needs parallel.tp, pp and ep of 1 (got {tp}, {pp}, {ep}); dp is fine"
+    elif student.is_moe or (teacher is not None and teacher.is_moe):
+        reason = "covers dense models only (MoE routing makes shapes change every step)"
+    elif cfg.recompute != "none":
+        reason = f"compiles whole layers: it needs distill.recompute: none (got {cfg.recompute})"
+    elif cpu_compat.cpp_compiler() is None:
+        reason = "needs a C++ compiler for torch.compile's CPU kernels (g++, or set $CXX)"
+    if reason is None:
+        return True
+    if cfg.cpu_compile == "on":
+        raise MinitronError(f"distill.cpu_compile {reason}")
+    log.info("distill.cpu_compile auto: training eagerly; it %s", reason)
+    return False
 
 
 def _check_tokenizers(student: Path, teacher: Path) -> None:
@@ -132,8 +144,8 @@ def train(
             f"{cfg.mode}: training an MoE model at tp = {tp} needs parallel.sequence_parallel "
             "(megatron's rule; it needs GPUs): set it, or train at tp = 1 with parallel.ep"
         )
-    if cfg.cpu_compile:
-        check_cpu_compile(cfg, arch, teacher_ckpt, tp, pp, ep)
+    compiled = resolve_cpu_compile(cfg, arch, teacher_ckpt, tp, pp, ep)
+    cfg = dataclasses.replace(cfg, cpu_compile="on" if compiled else "off")  # what runs
     if cfg.intermediate_pairs and cfg.mode == "distill":
         check_pairs(cfg.intermediate_pairs, arch, ModelArch.load(teacher_ckpt / "arch.yaml"), pp)
     # The train view for this training's length, built once before the ranks start.

@@ -126,8 +126,8 @@ class Trainer:
         from minitron_nemo.models.build import build_model
 
         cfg = self.cfg
-        # Layouts it does not cover were refused before the ranks started (train.py).
-        self.compiled = cfg.cpu_compile and not cpu_compat.cuda_available()
+        # Resolved to "on" / "off" before the ranks started (train.resolve_cpu_compile).
+        self.compiled = cfg.cpu_compile == "on" and not cpu_compat.cuda_available()
         model_kwargs = dict(
             use_te=cfg.transformer_engine,
             sequence_parallel=self.sequence_parallel,

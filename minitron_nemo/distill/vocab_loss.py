@@ -83,7 +83,9 @@ def _whole_chunk_losses(s, t, labels_t, temperature: float, kind: str, nll_grad:
     """(kl_t, nll_t, kl_dir, q1) of a whole chunk on one rank: `_block_losses`' per-row math
     written out of place, for torch.compile (`chunked_vocab_losses(compiled=True)`), which fuses
     the softmaxes, the KL and its gradient direction into a few passes over each row of logits
-    and writes only the outputs (no [t, v] temporaries, so no row blocks are needed)."""
+    and writes only the outputs (no [t, v] temporaries, so no row blocks are needed). A second
+    copy of the formulas because `_block_losses` does not trace: its label gather is sized by
+    `nonzero` (data-dependent) for the TP split, and it writes into preallocated buffers."""
     s = upcast(s)
     log_q1 = torch.log_softmax(s, dim=-1)
     nll_t = -log_q1.gather(-1, labels_t[:, None]).squeeze(-1)

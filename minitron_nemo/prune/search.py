@@ -61,12 +61,14 @@ def _work_key(imp_path: Path, cfg: PruneConfig, distill: DistillConfig, teacher:
 
 def search_distill_config(distill: DistillConfig, search) -> DistillConfig:
     """The run's distill settings for `search.steps` steps, a checkpoint every `eval_every`
-    (all kept: each is scored), warmup shortened to at most a quarter of the steps. With the
+    (all kept: each is scored), warmup shortened to at most a quarter of the steps, eager (a
+    candidate's few steps would not pay back compiling its shapes: `cpu_compile` off). With the
     teacher cache the KD loss is the top-K one and hidden-state pairs are dropped (the cache
     holds the teacher's logits only)."""
     short = dataclasses.replace(
         distill,
         steps=search.steps,
+        cpu_compile="off",
         warmup_steps=min(distill.warmup_steps, search.steps // 4),
         save_every=search.eval_every,
         keep_every=search.eval_every,
