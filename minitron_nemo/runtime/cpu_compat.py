@@ -6,6 +6,11 @@ Every workaround megatron-core needs on CPU lives here, each with the failure it
 
 With the CUDA build of torch and no GPU, megatron's CUDA calls fail with
 "RuntimeError: Found no NVIDIA driver on your system".
+
+Two CPU-speed helpers live here too, called by the trainer only and no-ops with CUDA:
+`keep_freed_memory` (glibc keeps freed blocks) and `compile_layers` (`distill.cpu_compile`:
+torch.compile of the transformer layers; it swaps megatron's tensor-parallel group lookup for
+one that does not warn, process-wide, same result).
 """
 
 from __future__ import annotations
