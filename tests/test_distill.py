@@ -226,7 +226,9 @@ def test_cpu_compile_auto_trains_eagerly_where_on_refuses(models, monkeypatch):
 
     assert resolve("auto") and resolve("on") and not resolve("off")
     assert not resolve("auto", tp=2) and not resolve("auto", recompute="selective")
-    monkeypatch.setenv("CXX", "no-such-compiler++")
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-compiler++"))
     assert not resolve("auto")
     with pytest.raises(MinitronError, match=r"cpu_compile needs a C\+\+ compiler"):
         resolve("on")

@@ -16,9 +16,6 @@ one that does not warn, process-wide, same result).
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import sys
 import types
 
 import torch
@@ -376,15 +373,20 @@ def _tp_group_or_default(tp_group, is_expert=False, check_initialized=True):
 
 
 def cpp_compiler() -> str | None:
-    """Path of the C++ compiler torch.compile's inductor calls on CPU ($CXX, else g++; clang++
-    on macOS), or None when there is none (then compiling fails at the first step)."""
-    name = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
-    return shutil.which(name)
+    """The C++ compiler torch.compile's inductor will call on CPU, found by inductor's own
+    search (its `cpp.cxx` setting: $CXX, else g++; each candidate run with --version), or None
+    when there is none (compiling would fail at the first step)."""
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        return cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return None
 
 
-def compile_layers(model: torch.nn.Module) -> bool:
-    """Compile each transformer layer's forward with torch.compile (inductor, C++ on CPU);
-    returns whether it did. No-op (False) with CUDA, where TE's fused kernels do this job.
+def compile_layers(model: torch.nn.Module) -> None:
+    """Compile each transformer layer's forward with torch.compile (inductor, C++ on CPU).
+    No-op with CUDA, where TE's fused kernels do this job.
 
     Eager, a layer's small ops (norms, rotary, SwiGLU, residual adds, their backward) each pass
     over memory; compiled they are fused between the GEMMs. One compiled graph serves every
@@ -395,10 +397,9 @@ def compile_layers(model: torch.nn.Module) -> bool:
     breaks; the KD step ~1.2x the eager one, after a first step of ~27 s that compiles (~5 s
     when inductor's on-disk cache has the graphs)."""
     if cuda_available():
-        return False
+        return
     from megatron.core.tensor_parallel import layers as tp_layers
 
     tp_layers.get_tensor_model_parallel_group_if_none = _tp_group_or_default
     for layer in model.decoder.layers:
         layer.compile()
-    return True
