@@ -101,10 +101,14 @@ def test_parallel_layouts_match_one_process(models, data, tmp_path, tp, pp, dp):
     w_ref = _weights(tmp_path / "ref" / "checkpoints" / "step_000003")
     w_par = _weights(tmp_path / "par" / "checkpoints" / "step_000003")
     for name, tensor in w_ref.items():
-        # Adam divides by sqrt(v): last-bit gradient differences of rarely-seen embedding rows
-        # become ~1e-5 weight differences; 1e-4 is 3% of one step's update (lr 3e-3).
-        err = (w_par[name] - tensor).abs().max().item()
-        assert err < 1e-4, (name, err)
+        # Adam divides by sqrt(v): where an element's gradient is near rounding noise, last-bit
+        # gradient differences between layouts move its update by a visible fraction of lr
+        # (3e-3): at TP 2 with one thread per process, one qkv element of 12,288 ends 1.03e-4
+        # apart, the next largest 1e-5. A layout bug moves whole rows or tensors by O(lr). So:
+        # 99.9% of each tensor within 1e-5, no element beyond a third of one step's update.
+        err = (w_par[name] - tensor).abs().flatten()
+        assert torch.quantile(err, 0.999).item() < 1e-5, (name, err.max().item())
+        assert err.max().item() < 1e-3, (name, err.max().item())
 
 
 @pytest.mark.dist
