@@ -117,6 +117,7 @@ class Trainer:
         self.state = TrainState(alpha=cfg.intermediate_weight)
         if resume and (latest := latest_checkpoint(self.ckpts.root)) is not None:
             self._load(latest)
+        cpu_compat.allocate_optimizer_state(self.optimizer)  # (a resumed state is kept)
         self.alpha = torch.tensor(self.state.alpha, dtype=torch.float64, device=ctx.device)
         self.n_micro = cfg.global_batch_size // (cfg.micro_batch_size * ctx.dp)
         self.monitor = self._build_monitor()
