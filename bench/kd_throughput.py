@@ -7,12 +7,18 @@ usage: .venv/bin/python bench/kd_throughput.py [--shape smollm2|1.2b|8b] [--seq 
   1.2b:    random Llama-3.2-1B shapes -> random 0.74B student (hidden 1536, MLP 6144)
   8b:      random Llama-3.1-8B shapes -> random Minitron-4B-Width student (hidden 3072, MLP 9216)
 A rerun with the same arguments reuses the models and data prepared in --work. Each loop runs
-in its own process (peak memory is its own: max RSS on CPU, max allocated on GPU); the HF loop
-runs before and after ours and their mean is the baseline, because the speed of a shared machine
-drifts over a run. --cpu-compile adds a run of ours with `distill.cpu_compile` (CPU only: the
-layers and the KD loss through torch.compile) after the eager one. The first step of every loop
-is not timed (warm-up; with --cpu-compile it is the compilation). Prints one JSON object:
-tokens/s, MFU, peak memory.
+in its own process (peak memory is its own: max RSS on CPU, max allocated on GPU). A shared
+machine's speed drifts by 10-20% within a run, so the loops run in --rounds rounds, interleaved
+and in alternating order (HF, ours, ours compiled; then ours compiled, ours, HF; ...): each
+loop's rate is the median over all its timed steps, reported with their range, and the speedup
+is the ratio of the medians, with the per-round ratios next to it. A virtual machine's host can
+take CPU time from it (steal time; up to 23% of a 5-s window was measured on the 2-core CI
+machines), which only ever slows a step, so the fastest step of each loop is reported too
+(`tokens_per_s_best`, as `timeit` takes the minimum) with its ratio (`speedup_best`), and
+`host_steal` says what fraction of the CPU time the host took during each run (/proc/stat).
+--cpu-compile adds a loop of ours with `distill.cpu_compile` (CPU only: the layers and the KD
+loss through torch.compile). The first step of every loop is not timed (warm-up; with
+--cpu-compile it is the compilation). Prints one JSON object: tokens/s, MFU, peak memory.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -197,9 +204,8 @@ def run_hf(args, paths: dict) -> dict:
         opt.zero_grad(set_to_none=True)
         sync(device)
         times.append(time.perf_counter() - start)
-    step_time = sum(times[1:]) / len(times[1:])
     return {
-        "tokens_per_s": args.mbs * args.seq / step_time,
+        "step_rates": [args.mbs * args.seq / t for t in times[1:]],
         "first_step_s": times[0],
         "peak_memory_gib": peak_memory_gib(device),
     }
@@ -228,11 +234,59 @@ def run_ours(args, paths: dict, work: Path) -> dict:
     shutil.rmtree(work / "kd", ignore_errors=True)
     train(Path(paths["student_ckpt"]), work / "kd", cfg, data, Path(paths["teacher_ckpt"]))
     metrics = read_metrics(work / "kd")
-    rates = [m["tokens_per_s"] for m in metrics][1:]
     return {
-        "tokens_per_s": sum(rates) / len(rates),
+        "step_rates": [m["tokens_per_s"] for m in metrics][1:],
         "first_step_s": metrics[0]["step_time_s"],
         "peak_memory_gib": peak_memory_gib(device),
+    }
+
+
+def cpu_times() -> list[int] | None:
+    """The machine's CPU time counters (user ... steal, in ticks) from /proc/stat; None where
+    there is none (not Linux)."""
+    try:
+        with open("/proc/stat") as stat:
+            return [int(x) for x in stat.readline().split()[1:9]]
+    except OSError:
+        return None
+
+
+def steal_fraction(before: list[int] | None, after: list[int] | None) -> float | None:
+    """The fraction of the CPU time between two `cpu_times` that the hypervisor took."""
+    if before is None or after is None:
+        return None
+    delta = [a - b for a, b in zip(after, before, strict=True)]
+    # /proc/stat's columns: user nice system idle iowait irq softirq steal
+    return delta[7] / max(sum(delta), 1)
+
+
+def summarize(rounds: list[dict], flop_fraction: float) -> dict:
+    """One loop's runs: the median rate over all timed steps, their range, each round's median;
+    the first steps; the largest peak memory. `flop_fraction` (FLOPs per token / peak FLOP/s)
+    turns tokens/s into MFU."""
+    rates = [r for run in rounds for r in run["step_rates"]]
+    return {
+        "tokens_per_s": statistics.median(rates),
+        "tokens_per_s_best": max(rates),
+        "tokens_per_s_range": [min(rates), max(rates)],
+        "round_medians": [statistics.median(run["step_rates"]) for run in rounds],
+        "timed_steps": len(rates),
+        "host_steal": [run["host_steal"] for run in rounds],
+        "first_step_s": [run["first_step_s"] for run in rounds],
+        "peak_memory_gib": max(run["peak_memory_gib"] for run in rounds),
+        "mfu": statistics.median(rates) * flop_fraction,
+    }
+
+
+def compare(ours: dict, hf: dict, suffix: str) -> dict:
+    """Speedup (the ratio of the medians, and the range of the per-round ratios) and the peak
+    memory ratio of one of our loops against the HF loop."""
+    per_round = [o / h for o, h in zip(ours["round_medians"], hf["round_medians"], strict=True)]
+    return {
+        f"speedup{suffix}": ours["tokens_per_s"] / hf["tokens_per_s"],
+        f"speedup{suffix}_per_round": per_round,
+        f"speedup{suffix}_best": ours["tokens_per_s_best"] / hf["tokens_per_s_best"],
+        f"memory_ratio{suffix}": ours["peak_memory_gib"] / hf["peak_memory_gib"],
     }
 
 
@@ -248,6 +302,7 @@ def main() -> None:
     parser.add_argument("--kd-chunk-tokens", type=int, default=4096)
     parser.add_argument("--work", type=Path, default=Path("/tmp/minitron_kd_bench"))
     parser.add_argument("--cpu-compile", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the loops")
     parser.add_argument("--role", choices=["hf", "ours", "ours_compiled"])
     args = parser.parse_args()
     paths_file = args.work / "paths.json"
@@ -272,32 +327,29 @@ def main() -> None:
 
     def role(name: str) -> dict:
         cmd = [sys.executable, __file__, "--role", name, *sys.argv[1:]]
+        before = cpu_times()
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        return json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
+        result = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
+        return {**result, "host_steal": steal_fraction(before, cpu_times())}
 
-    hf_before, ours = role("hf"), role("ours")
-    compiled = role("ours_compiled") if args.cpu_compile else None
-    hf_after = role("hf")
+    names = ["hf", "ours"] + (["ours_compiled"] if args.cpu_compile else [])
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for round_index in range(args.rounds):  # alternating order: drift hits every loop alike
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            runs[name].append(role(name))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     peak = matmul_peak_flops(device, dtype)
     t_arch = ModelArch.load(Path(paths["teacher_ckpt"]) / "arch.yaml")
     s_arch = ModelArch.load(Path(paths["student_ckpt"]) / "arch.yaml")
     flops_per_token = 2 * t_arch.num_parameters() + 6 * s_arch.num_parameters()
-    hf = {
-        "tokens_per_s": (hf_before["tokens_per_s"] + hf_after["tokens_per_s"]) / 2,
-        "tokens_per_s_before_after": [hf_before["tokens_per_s"], hf_after["tokens_per_s"]],
-        "peak_memory_gib": max(hf_before["peak_memory_gib"], hf_after["peak_memory_gib"]),
-    }
-    for result in (hf, ours, compiled):
-        if result is not None:
-            result["mfu"] = result["tokens_per_s"] * flops_per_token / peak
+    results = {name: summarize(rounds, flops_per_token / peak) for name, rounds in runs.items()}
+    hf, ours = results["hf"], results["ours"]
     extra = {}
-    if compiled is not None:
+    if args.cpu_compile:
         extra = {
-            "minitron_cpu_compile": compiled,
-            "speedup_cpu_compile": compiled["tokens_per_s"] / hf["tokens_per_s"],
-            "memory_ratio_cpu_compile": compiled["peak_memory_gib"] / hf["peak_memory_gib"],
+            "minitron_cpu_compile": results["ours_compiled"],
+            **compare(results["ours_compiled"], hf, "_cpu_compile"),
         }
     print(
         json.dumps(
@@ -311,9 +363,9 @@ def main() -> None:
                 "student_params": s_arch.num_parameters(),
                 "matmul_peak_tflops": peak / 1e12,
                 "hf": hf,
+                "rounds": args.rounds,
                 "minitron": ours,
-                "speedup": ours["tokens_per_s"] / hf["tokens_per_s"],
-                "memory_ratio": ours["peak_memory_gib"] / hf["peak_memory_gib"],
+                **compare(ours, hf, ""),
                 **extra,
             },
             indent=2,
