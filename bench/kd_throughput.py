@@ -265,8 +265,9 @@ def summarize(rounds: list[dict], flop_fraction: float) -> dict:
     the first steps; the largest peak memory. `flop_fraction` (FLOPs per token / peak FLOP/s)
     turns tokens/s into MFU."""
     rates = [r for run in rounds for r in run["step_rates"]]
+    median = statistics.median(rates)
     return {
-        "tokens_per_s": statistics.median(rates),
+        "tokens_per_s": median,
         "tokens_per_s_best": max(rates),
         "tokens_per_s_range": [min(rates), max(rates)],
         "round_medians": [statistics.median(run["step_rates"]) for run in rounds],
@@ -274,13 +275,13 @@ def summarize(rounds: list[dict], flop_fraction: float) -> dict:
         "host_steal": [run["host_steal"] for run in rounds],
         "first_step_s": [run["first_step_s"] for run in rounds],
         "peak_memory_gib": max(run["peak_memory_gib"] for run in rounds),
-        "mfu": statistics.median(rates) * flop_fraction,
+        "mfu": median * flop_fraction,
     }
 
 
 def compare(ours: dict, hf: dict, suffix: str) -> dict:
-    """Speedup (the ratio of the medians, and the range of the per-round ratios) and the peak
-    memory ratio of one of our loops against the HF loop."""
+    """Speedup (the ratio of the medians, each round's ratio, the ratio of the fastest steps) and
+    the peak memory ratio of one of our loops against the HF loop."""
     per_round = [o / h for o, h in zip(ours["round_medians"], hf["round_medians"], strict=True)]
     return {
         f"speedup{suffix}": ours["tokens_per_s"] / hf["tokens_per_s"],
@@ -305,6 +306,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the loops")
     parser.add_argument("--role", choices=["hf", "ours", "ours_compiled"])
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     paths_file = args.work / "paths.json"
     if args.role:  # one loop, in this process
         paths = json.loads(paths_file.read_text())
@@ -362,8 +365,8 @@ def main() -> None:
                 "teacher_params": t_arch.num_parameters(),
                 "student_params": s_arch.num_parameters(),
                 "matmul_peak_tflops": peak / 1e12,
-                "hf": hf,
                 "rounds": args.rounds,
+                "hf": hf,
                 "minitron": ours,
                 **compare(ours, hf, ""),
                 **extra,
