@@ -255,7 +255,7 @@ def _quiet_megatron(verbose: bool) -> None:
         return
     import os
 
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # ranks are spawned processes
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # ranks are other processes
     for module in ("megatron", "torch", "transformers", "modelopt"):
         warnings.filterwarnings("ignore", module=module)
     warnings.filterwarnings("ignore", category=UserWarning)

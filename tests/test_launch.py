@@ -148,3 +148,39 @@ def test_spawned_ranks_meet_at_the_launchers_store_twice_in_one_job(tmp_path, mo
     monkeypatch.delenv("MASTER_PORT", raising=False)
     run_on_ranks(_initialize_twice, 2, str(tmp_path / "sums.json"))
     assert json.loads((tmp_path / "sums.json").read_text()) == [3.0, 3.0]
+
+
+def _report_launch(tag: str) -> None:
+    import os
+
+    print(f"rank {os.environ['RANK']} {tag} {os.environ.get('PROBE')} {os.getcwd()}", flush=True)
+    print(f"rank {os.environ['RANK']} stderr", file=sys.stderr, flush=True)
+
+
+@pytest.mark.dist
+def test_forked_ranks_get_the_launchers_environment_directory_and_output(
+    tmp_path, monkeypatch, capfd
+):
+    """Ranks forked from the forkserver (CPU) see this process's environment, working directory
+    and stdout / stderr as they are at each launch, not as they were when the forkserver
+    started (at the first launch of the process: here the first one below at the latest, with
+    other values and another stdout)."""
+    from minitron_nemo.runtime import cpu_compat
+    from minitron_nemo.runtime.launch import run_on_ranks
+
+    monkeypatch.delenv("MINITRON_LAUNCHER", raising=False)
+    for i in range(2):
+        monkeypatch.setenv("PROBE", f"value{i}")
+        where = tmp_path / f"cwd{i}"
+        where.mkdir()
+        monkeypatch.chdir(where)
+        if i == 0:
+            with capfd.disabled():  # pytest's own capture, not this test's
+                run_on_ranks(_report_launch, 2, "launch0")
+            continue
+        run_on_ranks(_report_launch, 2, "launch1")
+        out, err = capfd.readouterr()
+        lines = sorted(line for line in out.splitlines() if line.startswith("rank "))
+        assert lines == [f"rank {r} launch1 value1 {where}" for r in (0, 1)], out
+        assert err.count("stderr") == 2, err
+    assert cpu_compat.rank_start_method() == "forkserver"  # CPU: the path under test

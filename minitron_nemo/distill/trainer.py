@@ -56,7 +56,7 @@ OUTCOME = "outcome.json"
 @dataclass
 class TrainHooks:
     """Fault injection for tests; every hook defaults to nothing (module-level functions, so
-    they reach spawned ranks)."""
+    they reach the ranks by pickle)."""
 
     after_step: Callable[[int], None] | None = None
     """Called with the step number after each step (and its save)."""
