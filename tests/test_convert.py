@@ -22,7 +22,7 @@ from tests.helpers import (
     hf_logits,
     make_tiny_hf,
     max_rel_err,
-    torchrun,
+    run_worker,
 )
 
 FAMILIES = list(TINY_CONFIGS)
@@ -87,11 +87,11 @@ def test_parity_test_detects_a_q_norm_left_at_ones(tiny):
 @pytest.mark.parametrize("tp,pp,ep", [(2, 1, 1), (1, 2, 1), (1, 1, 2)], ids=["tp2", "pp2", "ep2"])
 def test_logit_parity_multi_rank(tiny, tp, pp, ep, tmp_path):
     """Checkpoints (saved at TP=1) loaded at TP=2 / PP=2 / EP=2 (MoE models: 2 experts per
-    rank, tokens exchanged by the alltoall dispatcher) under torchrun give HF's logits."""
+    rank, tokens exchanged by the alltoall dispatcher) on separate ranks give HF's logits."""
     torch.save(tiny["tokens"], tmp_path / "tokens.pt")
     families = list(MOE_CONFIGS) if ep > 1 else FAMILIES
     ckpts = [str(tiny["models"][f]["ckpt"]) for f in families]
-    torchrun(
+    run_worker(
         REPO / "tests/dist/logits_worker.py",
         tp * pp * ep,
         str(tp),

@@ -16,7 +16,7 @@ from minitron_nemo.distill.losses import (
     top_k_forward_kl,
 )
 from minitron_nemo.runtime.forward import PAD_LOGIT
-from tests.helpers import REPO, torchrun
+from tests.helpers import REPO, run_worker
 
 
 def _logits(t=12, v=40, seed=0, dtype=torch.float64):
@@ -151,7 +151,7 @@ def test_dynamic_alpha_balances_terms_and_is_detached():
 
 @pytest.mark.dist
 def test_vocab_parallel_tp2_equals_tp1(tmp_path):
-    torchrun(REPO / "tests/dist/kd_loss_worker.py", 2, str(tmp_path / "result.json"))
+    run_worker(REPO / "tests/dist/kd_loss_worker.py", 2, str(tmp_path / "result.json"))
     result = json.loads((tmp_path / "result.json").read_text())
     for kind in ("forward", "reverse"):
         assert result[kind]["loss_err"] < 1e-6

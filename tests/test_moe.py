@@ -22,7 +22,7 @@ from tests.helpers import (
     arch_from_config,
     make_tiny_hf,
     max_rel_err,
-    torchrun,
+    run_worker,
 )
 from tests.test_convert import _hf_state
 
@@ -62,7 +62,7 @@ def test_gradients_equal_transformers(moe_models, ep, tmp_path):
     torch.save(weights, tmp_path / "weights.pt")
     ckpts = [str(moe_models[f]["ckpt"]) for f in GRAD_FAMILIES]
     files = [str(tmp_path / n) for n in ("tokens.pt", "weights.pt")]
-    torchrun(REPO / "tests/dist/moe_grad_worker.py", ep, *files, str(tmp_path), *ckpts)
+    run_worker(REPO / "tests/dist/moe_grad_worker.py", ep, *files, str(tmp_path), *ckpts)
     for family in GRAD_FAMILIES:
         arch = ModelArch.load(moe_models[family]["ckpt"] / "arch.yaml")
         rules = {r.mcore: r for r in family_by_name(arch.family).rules(arch)}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from minitron_nemo.distill.losses import top_k_forward_kl
 from minitron_nemo.distill.topk_loss import TeacherTopK, teacher_top_k, top_k_losses
 from minitron_nemo.distill.vocab_loss import chunked_vocab_losses
-from tests.helpers import REPO, torchrun
+from tests.helpers import REPO, run_worker
 
 
 def _logits(t=13, v=37, seed=0, dtype=torch.float64):
@@ -109,7 +109,7 @@ def test_chunked_cached_equals_online_top_k():
 @pytest.mark.dist
 def test_vocab_parallel_two_ranks_equal_one(tmp_path):
     out = tmp_path / "result.json"
-    torchrun(REPO / "tests/dist/topk_loss_worker.py", 2, str(out))
+    run_worker(REPO / "tests/dist/topk_loss_worker.py", 2, str(out))
     errs = json.loads(out.read_text())
     assert errs["ids_equal"]
     for name in ("logp_err", "tail_err", "kl_err", "nll_err", "grad_err"):

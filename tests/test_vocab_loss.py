@@ -13,7 +13,7 @@ from minitron_nemo.distill import vocab_loss
 from minitron_nemo.distill.losses import kl_divergence
 from minitron_nemo.distill.vocab_loss import chunked_vocab_losses, vocab_losses
 from minitron_nemo.runtime.forward import PAD_LOGIT
-from tests.helpers import REPO, torchrun
+from tests.helpers import REPO, run_worker
 
 
 def _logits(t=13, v=37, seed=0, dtype=torch.float64):
@@ -137,7 +137,7 @@ def test_pad_logits_stay_finite():
 @pytest.mark.dist
 def test_vocab_parallel_two_ranks_equal_one(tmp_path):
     out = tmp_path / "result.json"
-    torchrun(REPO / "tests/dist/vocab_loss_worker.py", 2, str(out))
+    run_worker(REPO / "tests/dist/vocab_loss_worker.py", 2, str(out))
     result = json.loads(out.read_text())
     assert len(result) == 4  # forward / reverse, each in one block and in blocks of 3 rows
     for kind, errs in result.items():

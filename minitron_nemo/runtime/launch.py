@@ -103,7 +103,11 @@ def _rank_entry(
 
 
 def run_on_ranks(
-    fn: Callable[..., Any], nprocs: int, *args: Any, handles_stop: bool = False
+    fn: Callable[..., Any],
+    nprocs: int,
+    *args: Any,
+    handles_stop: bool = False,
+    own_process: bool = False,
 ) -> None:
     """Call `fn(*args)` on `nprocs` ranks; they find each other through env:// on localhost.
 
@@ -111,8 +115,10 @@ def run_on_ranks(
     SIGTERM / SIGUSR1 received meanwhile are passed on to the ranks. A function that
     `handles_stop` (the trainer: it saves and records its outcome) may end either way once
     signalled; for any other, a signal means `Stopped` (rerun the command to redo the stage).
+    A world of one runs in this process unless `own_process` (a worker that sets up process
+    groups of its own).
     """
-    if nprocs == 1 and "WORLD_SIZE" not in os.environ:
+    if nprocs == 1 and not own_process and "WORLD_SIZE" not in os.environ:
         fn(*args)
         return
     launcher = os.environ.get("MINITRON_LAUNCHER")

@@ -1,4 +1,4 @@
-"""torchrun worker (2 ranks): vocab-parallel KL on half the vocab each == full KL on one rank.
+"""Rank worker (2 ranks): vocab-parallel KL on half the vocab each == full KL on one rank.
 
 usage: kd_loss_worker.py RESULT.json
 """

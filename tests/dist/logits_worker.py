@@ -1,4 +1,4 @@
-"""torchrun worker: load each checkpoint at the given TP/PP/EP, save full logits from one rank.
+"""Rank worker: load each checkpoint at the given TP/PP/EP, save full logits from one rank.
 
 usage: logits_worker.py TP PP EP TOKENS.pt OUT_DIR CKPT [CKPT ...]
 """

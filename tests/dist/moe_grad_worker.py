@@ -1,4 +1,4 @@
-"""torchrun worker: gradients of MoE checkpoints at EP = world size (TP = PP = 1).
+"""Rank worker: gradients of MoE checkpoints at EP = world size (TP = PP = 1).
 
 Rank r runs forward + backward of sum(logits * weights[r]) over its own tokens (tokens[r]) in
 training mode (router aux loss off) and saves the gradients of layer 0's parameters, local

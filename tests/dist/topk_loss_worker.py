@@ -1,4 +1,4 @@
-"""torchrun worker (2 ranks): the top-K + tail KL on half the vocabulary each == one rank.
+"""Rank worker (2 ranks): the top-K + tail KL on half the vocabulary each == one rank.
 
 usage: topk_loss_worker.py RESULT.json
 """

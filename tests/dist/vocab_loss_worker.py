@@ -1,4 +1,4 @@
-"""torchrun worker (2 ranks): fused vocab losses on half the vocabulary each == one rank, with
+"""Rank worker (2 ranks): fused vocab losses on half the vocabulary each == one rank, with
 each rank's rows reduced in one block and in blocks of 3 rows (collectives per block).
 
 usage: vocab_loss_worker.py RESULT.json
