@@ -208,6 +208,21 @@ CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU helper (n
 
 
 @CPU_ONLY
+def test_checkpoint_saves_on_cpu_start_no_helper_process(setup, tmp_path):
+    """A dist-checkpoint save on CPU hands its write results through an in-process queue, not
+    megatron's spawned Manager process (~6 s in every process that saves); the save loads."""
+    import multiprocessing
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    final = _train(setup, tmp_path, _cfg(steps=2, save_every=1))  # saves in this process
+    assert isinstance(filesystem_async.get_write_results_queue(), queue.Queue)
+    assert multiprocessing.active_children() == []
+    assert _weights(final)
+
+
+@CPU_ONLY
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])

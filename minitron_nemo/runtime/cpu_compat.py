@@ -265,6 +265,20 @@ def install() -> None:
     # which gloo's all_to_all_single refuses ("incompatible function arguments"): pass lists.
     token_dispatcher.all_to_all = _all_to_all_with_list_splits
 
+    # Every dist-checkpoint save (dist_checkpointing/strategies/filesystem_async.py, which the
+    # default torch_dist strategy uses for synchronous saves too) hands its write results
+    # through a queue of `multiprocessing.get_context("spawn").Manager()`: a server process, a
+    # fresh interpreter that imports torch and megatron, made on the first save of each process
+    # (~6 s on 2 cores, so in every rank of every launch that saves). On CPU every save is
+    # synchronous (distill.async_save needs a GPU): the writer and the reader are this process,
+    # and an in-process queue carries the same results.
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
 
 def keep_freed_memory() -> None:
     """Serve every allocation from the heap and never return freed heap memory to the OS.
