@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -164,23 +165,33 @@ def test_forked_ranks_get_the_launchers_environment_directory_and_output(
     """Ranks forked from the forkserver (CPU) see this process's environment, working directory
     and stdout / stderr as they are at each launch, not as they were when the forkserver
     started (at the first launch of the process: here the first one below at the latest, with
-    other values and another stdout)."""
+    other values and other output files)."""
     from minitron_nemo.runtime import cpu_compat
     from minitron_nemo.runtime.launch import run_on_ranks
 
     monkeypatch.delenv("MINITRON_LAUNCHER", raising=False)
+    first = tmp_path / "first.log"
     for i in range(2):
         monkeypatch.setenv("PROBE", f"value{i}")
         where = tmp_path / f"cwd{i}"
         where.mkdir()
         monkeypatch.chdir(where)
-        if i == 0:
-            with capfd.disabled():  # pytest's own capture, not this test's
+        if i == 0:  # stdout and stderr to a file of our own, not this test's capture
+            saved = [os.dup(1), os.dup(2)]
+            with open(first, "w") as fh:
+                os.dup2(fh.fileno(), 1)
+                os.dup2(fh.fileno(), 2)
+            try:
                 run_on_ranks(_report_launch, 2, "launch0")
-            continue
-        run_on_ranks(_report_launch, 2, "launch1")
-        out, err = capfd.readouterr()
-        lines = sorted(line for line in out.splitlines() if line.startswith("rank "))
-        assert lines == [f"rank {r} launch1 value1 {where}" for r in (0, 1)], out
+            finally:
+                for fd, target in zip(saved, (1, 2), strict=True):
+                    os.dup2(fd, target)
+                    os.close(fd)
+            out, err = first.read_text(), first.read_text()
+        else:
+            run_on_ranks(_report_launch, 2, "launch1")
+            out, err = capfd.readouterr()
+        lines = sorted(line for line in out.splitlines() if f" launch{i} " in line)
+        assert lines == [f"rank {r} launch{i} value{i} {where}" for r in (0, 1)], out
         assert err.count("stderr") == 2, err
     assert cpu_compat.rank_start_method() == "forkserver"  # CPU: the path under test
