@@ -5,7 +5,8 @@
 # worker; 514 -> 499 s), then the multi-process tests (`dist`) in one process: their ranks (one
 # thread each) fill both cores, and next to another worker's test their collectives wait for the
 # scheduler (an MoE EP2 test: 191 s beside another worker, 62 s alone; the fast part 917 s ->
-# 225 s + 526 s on the slower AMD machine), then the real-model tests (`slow`) in one process:
+# 225 s + 526 s on the slower AMD machine; 154 s + 127 s once ranks were forked from a warm
+# forkserver, runtime/launch.py), then the real-model tests (`slow`) in one process:
 # they share one default run (tests/conftest.py) and each uses both cores. Every part always
 # runs; the script fails when any has a failing test. Extra arguments go to every pytest (e.g.
 # a test file: a part that selects none of its tests passes).
