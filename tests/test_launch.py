@@ -187,7 +187,7 @@ def test_forked_ranks_get_the_launchers_environment_directory_and_output(
                 for fd, target in zip(saved, (1, 2), strict=True):
                     os.dup2(fd, target)
                     os.close(fd)
-            out, err = first.read_text(), first.read_text()
+            out = err = first.read_text()  # both went to the one file
         else:
             run_on_ranks(_report_launch, 2, "launch1")
             out, err = capfd.readouterr()

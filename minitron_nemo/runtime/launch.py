@@ -69,10 +69,6 @@ class _LauncherStdio:
         return out.detach(), err.detach()
 
 
-def _forked_extras() -> tuple[dict[str, str], _LauncherStdio]:
-    return dict(os.environ), _LauncherStdio()
-
-
 def _rank_entry(
     local_rank: int,
     fn: Callable[..., Any],
@@ -125,11 +121,6 @@ def run_on_ranks(
     if launcher:
         received = run_with_torchrun(fn, nprocs, args, launcher)
     else:
-        # The ranks meet at a key-value store served by this process on a port the OS picked
-        # and still holds (as torchrun's agent does): no port is chosen, released and bound
-        # again later, which another process (a concurrent launch, gloo's own connections)
-        # could take in between ("EADDRINUSE" when the first rank starts its store).
-        store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         method = os.environ.get("MINITRON_START_METHOD") or cpu_compat.rank_start_method()
         if method not in ("spawn", "forkserver"):
             raise MinitronError(
@@ -138,11 +129,17 @@ def run_on_ranks(
         forked = method == "forkserver"
         if forked:
             mp.get_context("forkserver").set_forkserver_preload(RANK_PRELOAD)
+        # The ranks meet at a key-value store served by this process on a port the OS picked
+        # and still holds (as torchrun's agent does): no port is chosen, released and bound
+        # again later, which another process (a concurrent launch, gloo's own connections)
+        # could take in between ("EADDRINUSE" when the first rank starts its store).
+        store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         for stream in (sys.stdout, sys.stderr):
             stream.flush()  # what this process wrote comes before what the ranks write
+        environ, stdio = (dict(os.environ), _LauncherStdio()) if forked else (None, None)
         context = mp.start_processes(
             _rank_entry,
-            args=(fn, nprocs, store.port, args, *(_forked_extras() if forked else ())),
+            args=(fn, nprocs, store.port, args, environ, stdio),
             nprocs=nprocs,
             start_method=method,
             join=False,
