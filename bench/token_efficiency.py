@@ -30,6 +30,7 @@ usage: .venv/bin/python bench/token_efficiency.py [--work /tmp/minitron_token_ef
            [--budgets 15360 61440 245760] [--scratch-budgets 491520] [--scratch-lrs 1e-3 3e-3]
            [--variants kd scratch]
            [--base RUN_DIR]   # reuse a run's teacher/, data/ and prune/ instead of step 1-2
+           [--heldout-samples N]   # the first N held-out samples only
 """
 
 from __future__ import annotations
@@ -122,10 +123,11 @@ def data_spec(run_dir: Path, cache: Path):
     return dataclasses.replace(spec, cache_dir=str(cache))
 
 
-def heldout_batches(spec) -> list:
+def heldout_batches(spec, limit: int | None = None) -> list:
+    """The held-out samples (the first `limit` of them) in batches of 8."""
     from minitron_nemo.data.datasets import heldout_indices, heldout_reader
 
-    return heldout_reader(spec).read(heldout_indices(spec)).split(8)
+    return heldout_reader(spec).read(heldout_indices(spec)[:limit]).split(8)
 
 
 def hf_loss(hf_dir: Path, batches: list) -> float:
@@ -248,6 +250,8 @@ def main() -> None:
     parser.add_argument("--scratch-lrs", type=float, nargs="+", default=[1e-3, 3e-3])
     parser.add_argument("--variants", nargs="+", default=["kd", "scratch"], choices=VARIANTS)
     parser.add_argument("--base", type=Path, help="existing run directory to start from")
+    parser.add_argument("--heldout-samples", type=int,
+                        help="score the first N held-out samples only (default: all)")  # fmt: skip
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -262,7 +266,7 @@ def main() -> None:
         if "depth" in args.variants:
             students["depth"] = prepare_student(work, "depth", "smollm2_135m_cpu_depth.yaml", blend)
     spec = data_spec(students["base"], work / "index_cache")
-    batches = heldout_batches(spec)
+    batches = heldout_batches(spec, args.heldout_samples)
     lines = reference_lines(work, students["base"], batches)
     budgets = sorted(args.budgets)
     scratch_budgets = sorted({*budgets, *args.scratch_budgets})

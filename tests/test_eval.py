@@ -84,11 +84,12 @@ def test_lm_eval_on_smollm2_arc_easy_and_mmlu(tmp_path):
     )["arc_easy"]
     print(json.dumps(arc))
     assert arc["n"] == 200 and arc["acc"] > 0.25 + 4 * arc["acc_stderr"], arc
+    # 5 questions a subject: that it runs is the claim (63 s at 20 a subject, 16 s at 5)
     mmlu = run_benchmarks(
-        hf, tmp_path / "m", write_task_configs(tmp_path / "m", ["mmlu"], subjects), 20, 8, "cpu"
+        hf, tmp_path / "m", write_task_configs(tmp_path / "m", ["mmlu"], subjects), 5, 8, "cpu"
     )
     print(json.dumps(mmlu["mmlu"]))
-    assert mmlu["mmlu"]["n"] == 60 and 0 <= mmlu["mmlu"]["acc"] <= 1
+    assert mmlu["mmlu"]["n"] == 15 and 0 <= mmlu["mmlu"]["acc"] <= 1
     assert all(f"mmlu_{s}" in mmlu for s in subjects)
 
 

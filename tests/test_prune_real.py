@@ -14,7 +14,9 @@ pytestmark = pytest.mark.slow
 def test_importance_beats_random_and_magnitude_on_every_axis(tmp_path):
     from minitron_nemo.prune.quality import quality_table, smollm2_prune_quality
 
-    results = smollm2_prune_quality(calib=36, heldout=16, seq=128, drop=8, depth_samples=4,
+    # 8 held-out and 2 depth samples (16 and 4 before): the same layer choices and orderings,
+    # margins of 0.5+ nats, 190 -> 123 s
+    results = smollm2_prune_quality(calib=36, heldout=8, seq=128, drop=8, depth_samples=2,
                                     seeds=3)  # fmt: skip
     print(json.dumps({k: v for k, v in results.items() if k != "block_importance"}, indent=2))
     print(quality_table(results))

@@ -31,7 +31,7 @@ def test_bench_runs_at_two_budgets_and_reruns_from_its_points(default_run, tmp_p
     run_dir, _ = default_run
     cmd = [sys.executable, "bench/token_efficiency.py", "--work", str(tmp_path), "--base",
            str(run_dir), "--budgets", "1024", "2048", "--scratch-budgets", "--scratch-lrs",
-           "1e-3"]  # fmt: skip
+           "1e-3", "--heldout-samples", "8"]  # fmt: skip
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True).stdout
     progress = [line for line in first.splitlines() if line.startswith("[")]
     assert len(progress) == 4, first  # kd and scratch at each budget, one line each
