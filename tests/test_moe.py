@@ -369,7 +369,8 @@ def test_planted_experts_default_keeps_the_rare_strong_one(planted_moe, tmp_path
         cfg = PruneConfig(num_moe_experts=2, expert_score=score, depth_scores=False,
                           depth_eval_samples=4, micro_batch_size=4,
                           importance=str(tmp_path / "frequency" / "importance.pt")
-                          if score != "frequency" else None)  # fmt: skip
+                          if score != "frequency" else None,
+                          plots=score in ("frequency", "reap"))  # fmt: skip
         reports[score] = run_prune(root / "mc", tmp_path / score, cfg, data)
     imp = torch.load(tmp_path / "frequency" / "importance.pt", weights_only=False)
     assert sorted(imp["experts"]) == list(MOE_LAYERS)
@@ -414,6 +415,7 @@ def test_planted_experts_default_keeps_the_rare_strong_one(planted_moe, tmp_path
     active = reports["reap"]["active_params_before"] - reports["reap"]["active_params_after"]
     assert active == len(MOE_LAYERS) * 2 * 64
     assert (tmp_path / "reap" / "plots" / "experts.png").stat().st_size > 1000
+    assert not (tmp_path / "taylor" / "plots").exists()  # prune.plots=false: no PNGs drawn
 
 
 @pytest.mark.dist

@@ -7,7 +7,7 @@ Output directory::
                          on the shards (prune/shard_slice.py)
     hf/                  the same as an HF directory (streamed export; prune.hf_output)
     prune_report.json    choices, parameter counts, depth scores, timings
-    plots/*.png          importance heat maps, depth scores, parameter counts
+    plots/*.png          importance heat maps, depth scores, parameter counts (prune.plots)
     DONE
 """
 
@@ -296,8 +296,6 @@ def _report(
     out: Path,
     seconds: float,
 ) -> dict:
-    plot_dir = out / "plots"
-    plot_dir.mkdir(exist_ok=True)
     skip = imp.get("layer_skip_loss")
     blocks = imp.get("block_loss") or {}
     k = source.num_layers - plan.arch.num_layers
@@ -337,6 +335,19 @@ def _report(
         "config": asdict(cfg),
     }
     (out / "prune_report.json").write_text(json.dumps(report, indent=2))
+    if cfg.plots:
+        _plot(source, plan, imp, cfg, how, out / "plots")
+    return report
+
+
+def _plot(
+    source: ModelArch, plan: PrunePlan, imp: dict, cfg: PruneConfig, how: dict, plot_dir: Path
+) -> None:
+    """The prune stage's PNGs (prune.plots): importance maps, depth scores, parameter counts,
+    expert importance and the search's curves where there are any."""
+    plot_dir.mkdir(exist_ok=True)
+    skip = imp.get("layer_skip_loss")
+    blocks = imp.get("block_loss") or {}
     plots.heatmap(
         imp["heads"], f"attention head importance ({imp['head_score']})", "head",
         plot_dir / "heads.png",
@@ -379,4 +390,3 @@ def _report(
             "held-out loss",
             plot_dir / "search.png",
         )
-    return report
