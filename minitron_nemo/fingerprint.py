@@ -42,6 +42,10 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "eval": ("eval", "teacher"),
     "report": (),
 }
+# Fields under a stage's prefixes that change only what is drawn, never what the stage computes:
+# not inputs (turning them on or off reruns nothing, and a run made before they existed keeps
+# its fingerprints).
+NOT_INPUTS = frozenset({"prune.plots"})
 STAGE_UPSTREAM: dict[str, tuple[str, ...]] = {
     "teacher": (),
     "data": (),
@@ -82,7 +86,7 @@ def _selected(flat: dict[str, Any], prefixes: tuple[str, ...]) -> dict[str, Any]
     return {
         key: value
         for key, value in sorted(flat.items())
-        if any(key == p or key.startswith(p + ".") for p in prefixes)
+        if any(key == p or key.startswith(p + ".") for p in prefixes) and key not in NOT_INPUTS
     }
 
 

@@ -179,6 +179,12 @@ def test_changing_eval_reruns_only_eval_and_report(tiny_run, tmp_path):
     assert old["pruned (no training)"]["tasks"]["arc_easy"]["n"] == 3
 
 
+def test_turning_prune_plots_off_reruns_nothing(tiny_run, tmp_path):
+    run_dir = copy_of(tiny_run, tmp_path / "run")
+    plan = tiny_pipeline(tiny_run.root, run_dir, "prune.plots=false").plan()
+    assert {action for action, _ in plan.values()} == {"skip"}, plan
+
+
 def test_changing_a_prune_target_reruns_prune_and_everything_after(tiny_run, tmp_path, caplog):
     run_dir = copy_of(tiny_run, tmp_path / "run")
     pipeline = tiny_pipeline(tiny_run.root, run_dir, "prune.ffn_hidden_size=48")
